@@ -42,7 +42,9 @@ def _branch(ch: Sequence[int], nc: int, reg_max: int) -> tuple[nn.ModuleList, nn
     c_box = make_divisible(max(ch[0] // 4, reg_max * 4, 16), 4)
     c_cls = max(ch[0], min(nc * 2, 128))
     box = nn.ModuleList(
-        nn.Sequential(Conv(c, c_box, 3), Conv(c_box, c_box, 3, g=4), nn.Conv2d(c_box, 4 * reg_max, 1, groups=4))
+        nn.Sequential(
+            Conv(c, c_box, 3), Conv(c_box, c_box, 3, g=4), nn.Conv2d(c_box, 4 * reg_max, 1, groups=4)
+        )
         for c in ch
     )
     cls = nn.ModuleList(
@@ -54,7 +56,7 @@ def _branch(ch: Sequence[int], nc: int, reg_max: int) -> tuple[nn.ModuleList, nn
 def anchor_grid(maps: Sequence[torch.Tensor], strides: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cell-centre anchors ``(A, 2)`` in grid units and the stride ``(A, 1)`` of each anchor."""
     points, stride_of = [], []
-    for m, s in zip(maps, strides):
+    for m, s in zip(maps, strides, strict=True):
         h, w = m.shape[2:]
         ys = torch.arange(h, device=m.device, dtype=m.dtype) + 0.5
         xs = torch.arange(w, device=m.device, dtype=m.dtype) + 0.5
@@ -79,7 +81,7 @@ def decode(maps: Sequence[torch.Tensor], strides: torch.Tensor, dfl: DFL, nc: in
 
 def _init_biases(box: nn.ModuleList, cls: nn.ModuleList, strides: torch.Tensor, nc: int) -> None:
     """Box bias 1.0; class bias so that about 5 objects per 640x640 image start as positives."""
-    for b, c, s in zip(box, cls, strides.tolist()):
+    for b, c, s in zip(box, cls, strides.tolist(), strict=True):
         b[-1].bias.data[:] = 1.0
         c[-1].bias.data[:nc] = math.log(5 / nc / (640 / s) ** 2)
 

@@ -20,8 +20,8 @@ from torch import nn
 from yolov9.blocks import (
     ELAN1,
     SPPELAN,
-    ADown,
     AConv,
+    ADown,
     CBFuse,
     CBLinear,
     Concat,
@@ -208,15 +208,20 @@ def _resolve_args(args: tuple, num_classes: int) -> list[Any]:
     return [num_classes if a == "nc" else a for a in args]
 
 
-def build_from_spec(layers: Sequence[LayerSpec], num_classes: int, name: str = "") -> DetectionModel:
-    """Instantiate a model from parsed layer specs."""
+def build_from_spec(layers: Sequence[LayerSpec], num_classes: int, name: str = "",
+                    where: str = "config") -> DetectionModel:
+    """Instantiate a model from parsed layer specs (``where`` names the config in errors)."""
     in_channels = 3
     ch: list[Any] = []
     modules = []
     for spec in layers:
         absolute = _absolute_source(spec.index, spec.source, len(ch))
         widths = {**dict(enumerate(ch)), -1: in_channels}
-        module, c_out = BLOCKS[spec.block](widths, absolute, _resolve_args(spec.args, num_classes))
+        try:
+            module, c_out = BLOCKS[spec.block](widths, absolute, _resolve_args(spec.args, num_classes))
+        except (TypeError, ValueError, IndexError, KeyError) as e:
+            raise ValueError(f"{where}, layer {spec.index}: bad arguments for {spec.block}: "
+                             f"{list(spec.args)!r} ({e})") from e
         modules.append(module)
         ch.append(c_out)
     model = DetectionModel(modules, [spec.source for spec in layers], name=name)
@@ -266,4 +271,4 @@ def build_model(name_or_path: str | Path, num_classes: int = 80) -> DetectionMod
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     spec, where = load_config(name_or_path)
     name = Path(where).stem
-    return build_from_spec(parse_layers(spec, where), num_classes, name=name)
+    return build_from_spec(parse_layers(spec, where), num_classes, name=name, where=where)
