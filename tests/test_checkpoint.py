@@ -1,0 +1,83 @@
+"""Checkpoints hold tensors and plain data, load with weights_only=True, and refuse foreign files."""
+
+import pickle
+
+import pytest
+import torch
+
+from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from yolov9 import build_model
+
+
+def minimal_state() -> dict:
+    model = build_model("gelan-t", num_classes=2)
+    return {
+        "model": model.state_dict(),
+        "ema": {"model": model.state_dict(), "updates": 3},
+        "epoch": 2,
+        "step": 40,
+        "config": {"train": {"epochs": 5}},
+        "best_map": 0.25,
+        "model_name": "gelan-t",
+        "num_classes": 2,
+    }
+
+
+def test_saved_checkpoint_loads_with_weights_only(tmp_path):
+    save_checkpoint(tmp_path, minimal_state())
+    raw = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert raw["epoch"] == 2 and raw["ema"]["updates"] == 3
+
+
+def test_directory_or_file_path_both_load(tmp_path):
+    path = save_checkpoint(tmp_path, minimal_state())
+    assert load_checkpoint(tmp_path)["step"] == 40
+    assert load_checkpoint(path)["best_map"] == 0.25
+
+
+def test_missing_checkpoint_names_the_path(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+def test_pickled_module_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": torch.nn.Linear(1, 1)}, path)  # a pickled module, as older YOLO stacks write
+    with pytest.raises(CheckpointError, match="pickled objects"):
+        load_checkpoint(path)
+
+
+def test_corrupt_file_is_refused(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="not a loadable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_foreign_state_dict_is_refused(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save(build_model("gelan-t", num_classes=2).state_dict(), path)
+    with pytest.raises(CheckpointError, match="not a yolov9-ray training checkpoint"):
+        load_checkpoint(path)
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    path = save_checkpoint(tmp_path, minimal_state())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+
+
+def test_saving_incomplete_state_is_an_error(tmp_path):
+    state = minimal_state()
+    del state["ema"]
+    with pytest.raises(ValueError, match="ema"):
+        save_checkpoint(tmp_path, state)
+
+
+def test_plain_pickle_is_refused(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(pickle.dumps({"format": "yolov9-ray/training-checkpoint"}))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
