@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from yolov9 import DetectionModel, build_model
+
 FORMAT = "yolov9-ray/training-checkpoint"
 VERSION = 1
 FILENAME = "checkpoint.pt"
@@ -56,3 +58,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if missing:
         raise CheckpointError(f"{path} lacks {missing}")
     return state
+
+
+def ema_model(state: dict[str, Any]) -> DetectionModel:
+    """The dual (training) model of a checkpoint with its EMA weights, in eval mode."""
+    model = build_model(state["model_name"], num_classes=int(state["num_classes"]))
+    try:
+        model.load_state_dict(state["ema"]["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"the checkpoint's EMA weights do not fit {state['model_name']}: {e}") from e
+    return model.eval()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from yolov9.boxes import bbox2dist, box_ciou, box_giou, box_iou, dist2bbox, pairwise_iou
+from yolov9.boxes import bbox2dist, box_ciou, box_giou, box_iou, dist2bbox
 
 A = torch.tensor([0.0, 0.0, 2.0, 2.0])
 SHIFTED = torch.tensor([1.0, 0.0, 3.0, 2.0])  # same shape, moved right by 1
@@ -43,12 +43,6 @@ def test_ciou_with_aspect_term():
 def test_ciou_broadcasts_over_leading_dimensions():
     out = box_ciou(A.expand(3, 5, 4), SHIFTED.expand(3, 5, 4))
     assert out.shape == (3, 5)
-
-
-def test_pairwise_iou_matrix():
-    m = pairwise_iou(torch.stack([A, WIDER]), torch.stack([A, SHIFTED]))
-    expected = torch.tensor([[1.0, 1 / 3], [0.5, 0.5]])  # WIDER vs SHIFTED: 2*2=4 / (8+4-4)
-    assert torch.allclose(m, expected, atol=1e-6)
 
 
 def test_dist2bbox_and_bbox2dist_round_trip():

@@ -65,7 +65,3 @@ def box_ciou(b1: torch.Tensor, b2: torch.Tensor, eps: float = 1e-7) -> torch.Ten
         alpha = v / (v - iou + (1 + eps))
     return iou - (rho2 / diag2 + v * alpha)
 
-
-def pairwise_iou(b1: torch.Tensor, b2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """IoU matrix ``(N, M)`` of boxes ``(N, 4)`` against ``(M, 4)``, xyxy."""
-    return box_iou(b1[:, None, :], b2[None, :, :], eps)

@@ -1,0 +1,298 @@
+"""Experiment configuration: one YAML per experiment, typed sections, ``key=value`` overrides.
+
+Sections: ``model``, ``data``, ``train``, ``loss``, ``ray``, ``mlflow`` and ``tune``. Every key is
+checked against the dataclass field types below, so a typo or a wrong type is reported with the
+file and the dotted key before any worker starts. Values are parsed by PyYAML (``safe_load``);
+nothing is evaluated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from yolov9.loss import ASSIGN_MODES
+from yolov9.model import MODEL_NAMES
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the file and the dotted key it concerns."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "yolov9-c"
+    num_classes: int | None = None  # None: the number of class names in the train manifest
+    sync_bn: bool = False
+
+
+@dataclass
+class SyntheticConfig:
+    """Generate the embedded synthetic set into ``data.root`` when its manifests are missing."""
+
+    num_train: int = 512
+    num_val: int = 64
+    image_size: int = 256
+    seed: int = 0
+    shard_size: int = 128
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/coco-shards"  # holds train-manifest.json, val-manifest.json, val-coco.json
+    synthetic: SyntheticConfig | None = None
+    num_workers: int = 4  # DataLoader processes per Ray Train worker
+    shuffle_buffer: int = 256
+    hsv_h: float = 0.015
+    hsv_s: float = 0.7
+    hsv_v: float = 0.4
+    degrees: float = 0.0
+    translate: float = 0.1
+    scale: float = 0.9
+    shear: float = 0.0
+    fliplr: float = 0.5
+    mosaic: float = 1.0
+    mixup: float = 0.15
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 300
+    batch_size: int = 16  # per Ray Train worker
+    nominal_batch: int = 64  # gradients are accumulated to this many images over all workers
+    imgsz: int = 640
+    lr0: float = 0.01
+    lrf: float = 0.01
+    cosine: bool = False
+    momentum: float = 0.937
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 3.0
+    warmup_min_steps: int = 100
+    warmup_bias_lr: float = 0.1
+    warmup_momentum: float = 0.8
+    clip_grad_norm: float = 10.0
+    ema_decay: float = 0.9999
+    ema_tau: float = 2000.0
+    close_mosaic: int = 15
+    amp: str = "auto"  # auto | bf16 | fp16 | off (always off on CPU)
+    seed: int = 0
+    val_every: int = 1
+    keep_checkpoints: int = 3
+    steps_per_epoch: int | None = None  # None: train samples // global batch
+    val_conf: float = 0.001
+    val_iou: float = 0.7
+    val_max_det: int = 300
+
+
+@dataclass
+class LossConfig:
+    aux_weight: float = 0.25
+    lead_weight: float = 1.0
+    box: float = 7.5
+    cls: float = 0.5
+    dfl: float = 1.5
+    tal_topk: int = 10
+    tal_alpha: float = 0.5
+    tal_beta: float = 6.0
+    assign: str = "independent"
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: the RAY_ADDRESS cluster, or a new local instance
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    run_name: str = "yolov9"
+    storage_path: str = "runs/ray"
+    max_failures: int = 2
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "yolov9"
+    register: bool = False
+    model_name: str = "yolov9-det"
+
+
+@dataclass
+class TuneConfig:
+    """Ray Tune search: ``space`` maps dotted config keys to ``{type: ..., ...}`` domains."""
+
+    name: str = "yolov9-tune"
+    metric: str = "val/map50_95"
+    mode: str = "max"
+    num_samples: int = 8
+    max_concurrent_trials: int = 2
+    scheduler: str = "asha"  # asha | fifo
+    grace_period: int = 2
+    reduction_factor: int = 2
+    search_alg: str = "random"  # random | grid | optuna
+    space: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _convert(value: Any, annotation: Any, key: str, where: str) -> Any:
+    """Check ``value`` against a field annotation; ints are accepted where floats are expected."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _convert(value, option, key, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
+        return _build(annotation, value, key, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
+        return dict(value)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+    if annotation in (float, str) and not isinstance(value, annotation):
+        raise ConfigError(f"{where}: {key} must be a {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        dotted = ", ".join(f"{prefix}.{k}" if prefix else k for k in unknown)
+        raise ConfigError(f"{where}: unknown key {dotted} (known: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k, where) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _check_values(cfg: Config, where: str) -> None:
+    """Reject values no run could use."""
+    t, d, r, loss = cfg.train, cfg.data, cfg.ray, cfg.loss
+    rules = [
+        (cfg.model.name in MODEL_NAMES or cfg.model.name.endswith((".yaml", ".yml")), "model.name",
+         f"must be one of {', '.join(MODEL_NAMES)} or a model .yaml path"),
+        (cfg.model.num_classes is None or cfg.model.num_classes >= 1, "model.num_classes", "must be >= 1"),
+        (t.epochs >= 1, "train.epochs", "must be >= 1"),
+        (t.batch_size >= 1, "train.batch_size", "must be >= 1"),
+        (t.nominal_batch >= 1, "train.nominal_batch", "must be >= 1"),
+        (t.imgsz >= 32 and t.imgsz % 32 == 0, "train.imgsz", "must be a positive multiple of 32"),
+        (t.lr0 > 0, "train.lr0", "must be > 0"),
+        (0 < t.lrf <= 1, "train.lrf", "must be in (0, 1]"),
+        (0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)"),
+        (t.weight_decay >= 0, "train.weight_decay", "must be >= 0"),
+        (t.warmup_epochs >= 0 and t.warmup_min_steps >= 0, "train.warmup_epochs", "must be >= 0"),
+        (t.clip_grad_norm > 0, "train.clip_grad_norm", "must be > 0"),
+        (0 < t.ema_decay < 1, "train.ema_decay", "must be in (0, 1)"),
+        (t.close_mosaic >= 0, "train.close_mosaic", "must be >= 0"),
+        (t.amp in ("auto", "bf16", "fp16", "off"), "train.amp", "must be auto, bf16, fp16 or off"),
+        (t.val_every >= 1, "train.val_every", "must be >= 1"),
+        (t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1"),
+        (t.steps_per_epoch is None or t.steps_per_epoch >= 1, "train.steps_per_epoch", "must be >= 1"),
+        (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
+        (d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1"),
+        (all(0 <= getattr(d, k) <= 1 for k in ("hsv_h", "hsv_s", "hsv_v", "fliplr", "mosaic", "mixup")),
+         "data.hsv_*/fliplr/mosaic/mixup", "must be probabilities or gains in [0, 1]"),
+        (0 <= d.scale < 1 and 0 <= d.translate < 0.5, "data.scale/translate", "scale in [0, 1), translate in [0, 0.5)"),
+        (loss.assign in ASSIGN_MODES, "loss.assign", f"must be one of {', '.join(ASSIGN_MODES)}"),
+        (loss.tal_topk >= 1, "loss.tal_topk", "must be >= 1"),
+        (all(getattr(loss, k) >= 0 for k in ("aux_weight", "lead_weight", "box", "cls", "dfl")),
+         "loss weights", "must be >= 0"),
+        (r.num_workers >= 1, "ray.num_workers", "must be >= 1"),
+        (r.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0"),
+        (r.max_failures >= -1, "ray.max_failures", "must be >= -1 (-1: retry forever)"),
+        (cfg.tune.mode in ("max", "min"), "tune.mode", "must be max or min"),
+    ]
+    for ok, key, rule in rules:
+        if not ok:
+            raise ConfigError(f"{where}: {key} {rule}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (["section", "key"], YAML-parsed value)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from e
+    return key.strip().split("."), value
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of ``values`` with each ``a.b.c=value`` set (sections created where missing)."""
+    out = yaml.safe_load(yaml.safe_dump(values))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+        node[path[-1]] = value
+    return out
+
+
+def config_from_dict(values: dict[str, Any], where: str = "config") -> Config:
+    """Typed, checked :class:`Config` from plain data (sections may be left out: defaults)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of sections")
+    cfg = _build(Config, values, "", where)
+    _check_values(cfg, where)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (``None``: defaults only), apply overrides, check it, resolve local paths."""
+    where = str(path) if path is not None else "defaults"
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: not valid YAML ({e})") from e
+    values = apply_overrides(values, overrides or [])
+    cfg = config_from_dict(values, where)
+    cfg.data.root = _absolute(cfg.data.root)
+    cfg.ray.storage_path = _absolute(cfg.ray.storage_path)
+    return cfg
+
+
+def _absolute(location: str) -> str:
+    """Local paths become absolute so that every Ray worker resolves them alike; URLs stay as given."""
+    return location if "://" in location else str(Path(location).expanduser().resolve())

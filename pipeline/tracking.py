@@ -1,0 +1,98 @@
+"""MLflow tracking of a training run: reachability check, run creation/resumption, metrics, artifacts.
+
+The run is created on the driver before any worker starts (an unreachable server fails the job at
+once); per-epoch metrics are logged by a Ray Train callback on the controller, once per persisted
+report, so a restarted worker group neither loses nor duplicates an epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from ray.train import Checkpoint, UserCallback
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+RUN_NAME_TAG = "ray.run_name"
+STORAGE_TAG = "ray.storage_path"
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking server or store cannot be used."""
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    """The config's URI, else ``MLFLOW_TRACKING_URI``, else the local sqlite store."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def check_tracking_uri(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, with the URI in the message, if the store cannot be reached or written."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+                if response.status != 200:
+                    raise TrackingError(f"MLflow server {uri} answered /health with HTTP {response.status}")
+        except (urllib.error.URLError, OSError) as e:
+            raise TrackingError(f"MLflow tracking server {uri} is unreachable: {e}") from e
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise TrackingError(f"MLflow store {uri}: folder {folder} does not exist or is not writable")
+    elif uri.startswith("file:") or "://" not in uri:
+        raise TrackingError(f"MLflow 3 refuses plain file stores ({uri}); use sqlite:///path.db or http://host:port")
+
+
+def start_or_resume_run(uri: str, experiment: str, run_name: str, storage_path: str,
+                        params: dict[str, Any], tags: dict[str, str]) -> str:
+    """The id of the unfinished MLflow run of this Ray run (same name and storage), or a new one."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    query = f"tags.`{RUN_NAME_TAG}` = '{run_name}' and tags.`{STORAGE_TAG}` = '{storage_path}'"
+    for run in client.search_runs([exp_id], filter_string=query, order_by=["attributes.start_time DESC"]):
+        if run.info.status != "FINISHED":
+            client.update_run(run.info.run_id, status="RUNNING")
+            return run.info.run_id
+    run = client.create_run(exp_id, run_name=run_name,
+                            tags={RUN_NAME_TAG: run_name, STORAGE_TAG: storage_path, **tags})
+    items = [mlflow.entities.Param(k, str(v)) for k, v in flatten(params).items()]
+    for i in range(0, len(items), 100):  # the server takes at most 100 params per batch
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    return run.info.run_id
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr0": 0.01}}`` -> ``{"train.lr0": 0.01}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class MlflowEpochLogger(UserCallback):
+    """Logs rank 0's metrics of each persisted report to an MLflow run (step = epoch)."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Checkpoint | None) -> None:
+        if not metrics:
+            return
+        rank0 = metrics[0]
+        epoch = int(rank0.get("epoch", 0))
+        values = {k: float(v) for k, v in rank0.items() if isinstance(v, (int, float)) and k != "epoch"}
+        now_ms = int(time.time() * 1000)
+        MlflowClient(self.tracking_uri).log_batch(
+            self.run_id, metrics=[mlflow.entities.Metric(k, v, now_ms, epoch) for k, v in values.items()]
+        )

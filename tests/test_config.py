@@ -1,0 +1,81 @@
+"""Experiment configuration: typed sections, overrides, and errors that name the file and the key."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, ConfigError, config_from_dict, load_config
+
+CONFIGS = Path(__file__).parents[1] / "jobs" / "configs"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_reference_recipe():
+    cfg = Config()
+    assert (cfg.train.lr0, cfg.train.momentum, cfg.train.weight_decay) == (0.01, 0.937, 5e-4)
+    assert (cfg.train.nominal_batch, cfg.train.close_mosaic, cfg.train.clip_grad_norm) == (64, 15, 10.0)
+    assert (cfg.loss.aux_weight, cfg.loss.lead_weight, cfg.loss.tal_topk) == (0.25, 1.0, 10)
+    assert (cfg.loss.box, cfg.loss.cls, cfg.loss.dfl) == (7.5, 0.5, 1.5)
+
+
+def test_yaml_sections_and_overrides_are_typed(tmp_path):
+    path = write(tmp_path, "model: {name: yolov9-t}\ntrain: {epochs: 5, lr0: 0.02}\n")
+    cfg = load_config(path, ["train.batch_size=4", "loss.aux_weight=1", "ray.use_gpu=true", "data.synthetic.seed=3"])
+    assert cfg.model.name == "yolov9-t" and cfg.train.epochs == 5 and cfg.train.batch_size == 4
+    assert cfg.loss.aux_weight == 1.0 and isinstance(cfg.loss.aux_weight, float)
+    assert cfg.ray.use_gpu is True
+    assert cfg.data.synthetic is not None and cfg.data.synthetic.seed == 3
+
+
+def test_local_paths_become_absolute_and_urls_stay(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.root=shards", "ray.storage_path=s3://bucket/runs"])
+    assert cfg.data.root == str(tmp_path / "shards")
+    assert cfg.ray.storage_path == "s3://bucket/runs"
+
+
+def test_round_trip_through_a_plain_dict():
+    cfg = load_config(CONFIGS / "demo.yaml")
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_load(name):
+    load_config(CONFIGS / name)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("train: {epochs: 5, lr: 0.1}\n", "train.lr"),
+    ("trian: {epochs: 5}\n", "trian"),
+    ("train: {batch_size: 0}\n", "train.batch_size"),
+    ("train: {lr0: -0.01}\n", "train.lr0"),
+    ("train: {imgsz: 300}\n", "train.imgsz"),
+    ("train: {epochs: five}\n", "train.epochs"),
+    ("train: {epochs: 2.5}\n", "train.epochs"),
+    ("ray: {use_gpu: maybe}\n", "ray.use_gpu"),
+    ("loss: {assign: both}\n", "loss.assign"),
+    ("model: {name: yolov9-x}\n", "model.name"),
+    ("data: {synthetic: 3}\n", "data.synthetic"),
+])
+def test_bad_values_name_the_file_and_the_key(tmp_path, text, key):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and key in str(err.value)
+
+
+def test_bad_override_syntax_is_rejected():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["train.epochs"])
+
+
+def test_missing_file_and_invalid_yaml_are_reported(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "train: [unclosed\n"))
