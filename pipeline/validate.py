@@ -16,6 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.checkpoint import ema_model, load_checkpoint
+from pipeline.data import make_val_loader, read_manifest
+from pipeline.data.manifest import coco_json_path, manifest_path
 from pipeline.evaluate import coco_map, detections_from_predictions
 from pipeline.plots import draw_boxes, image_grid
 from yolov9.postprocess import non_max_suppression
@@ -77,3 +80,20 @@ def render_predictions(model: nn.Module, loader: Iterable, gt_json: str | Path, 
             if len(tiles) == count:
                 return image_grid(tiles)
     return image_grid(tiles)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, imgsz: int | None = None,
+                        batch_size: int = 16, num_workers: int = 2, device: str = "cpu") -> dict[str, float]:
+    """COCO mAP of a training checkpoint's EMA main branch on the val shards of ``data_root``
+    (``imgsz`` defaults to the training image size)."""
+    state = load_checkpoint(checkpoint)
+    cfg = state["config"]
+    manifest = read_manifest(manifest_path(data_root, "val"))
+    if list(manifest.class_names) != list(state["class_names"]):
+        raise ValueError(f"{manifest.path} lists classes {manifest.class_names}, the checkpoint was trained on "
+                         f"{state['class_names']}")
+    model = ema_model(state).to(device)
+    loader = make_val_loader(manifest, batch_size=batch_size, imgsz=imgsz or cfg["train"]["imgsz"], rank=0,
+                             world_size=1, num_workers=num_workers)
+    return evaluate_distributed(model, loader, coco_json_path(data_root, "val"),
+                                list(range(1, len(manifest.class_names) + 1)), torch.device(device))
