@@ -23,7 +23,9 @@ from torch import nn
 
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import Config, config_from_dict
-from pipeline.data import AugmentConfig, make_train_loader, make_val_loader, read_manifest
+from pipeline.data import read_manifest
+from pipeline.data.augment import AugmentConfig
+from pipeline.data.loader import make_train_loader, make_val_loader
 from pipeline.data.manifest import coco_json_path, manifest_path
 from pipeline.ema import ModelEMA, unwrap
 from pipeline.optimizer import Schedule, accumulation_steps, build_sgd
@@ -153,6 +155,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - start
         n = max(steps_per_epoch, 1)
         metrics = {f"train/{k}": v / n for k, v in sums.items()}
+        # skipped samples are summed over ranks: the mean times the world size
+        metrics.update({f"data/{k}": float(v) * world for k, v in loader.stats().items()})
         metrics = _mean_across_ranks(metrics, device)
         metrics["train/lr"] = optimizer.param_groups[1]["lr"]
         metrics["train/images_per_s"] = images_seen * world / max(elapsed, 1e-9)
@@ -228,6 +232,9 @@ class EpochPrinter(ray.train.UserCallback):
         print(f"epoch {epoch}/{self.epochs} {losses} mAP50-95={m.get(MAP_KEY, float('nan')):.4f} "
               f"mAP50={m.get('val/map50', float('nan')):.4f} {m['train/images_per_s']:.1f} img/s "
               f"loader-wait={m['train/loader_wait_fraction']:.0%} ETA {eta / 60:.1f} min", flush=True)
+        skipped = {k: int(v) for k, v in m.items() if k.startswith("data/") and v}
+        if skipped:
+            print(f"epoch {epoch}: skipped unreadable data {skipped} (see the worker logs for examples)", flush=True)
 
 
 def fit(cfg: Config, tracking: tuple[str, str] | None = None,

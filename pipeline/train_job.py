@@ -16,7 +16,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.checkpoint import ema_model, load_checkpoint
 from pipeline.config import Config
-from pipeline.data import DataError, Manifest, make_val_loader, read_manifest
+from pipeline.data import DataError, Manifest, read_manifest
+from pipeline.data.loader import make_val_loader
 from pipeline.data.manifest import coco_json_path, manifest_path
 from pipeline.data.synthetic import write_synthetic_dataset
 from pipeline.plots import plot_curves
@@ -76,7 +77,7 @@ def ensure_ray(address: str | None) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or os.environ["RAY_ADDRESS"])
     else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def run_training(cfg: Config, loop_extras: dict[str, Any] | None = None) -> TrainingSummary:

@@ -17,7 +17,8 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.checkpoint import ema_model, load_checkpoint
-from pipeline.data import make_val_loader, read_manifest
+from pipeline.data import read_manifest
+from pipeline.data.loader import make_val_loader
 from pipeline.data.manifest import coco_json_path, manifest_path
 from pipeline.evaluate import coco_map, detections_from_predictions
 from pipeline.plots import draw_boxes, image_grid

@@ -1,0 +1,438 @@
+"""Streaming train and val loaders over WebDataset shards (any URL webdataset opens: paths, pipe:, s3://).
+
+Work split: a ``Partition`` says which shards one DataLoader worker of one rank reads and which of their
+samples it keeps (every ``stride``-th from ``offset``, counting raw samples in read order). Whole shards go
+to ranks and workers while there are enough of them; otherwise samples are split by index modulo.
+
+Train: each worker streams its partition through a shuffle buffer of DECODED samples (mosaic partners are
+drawn from that buffer, so each image is decoded about once per pass) and restarts with a new shard order
+when it runs dry, so every rank yields exactly ``steps_per_epoch`` batches. Val: letterbox only, each
+sample exactly once over all ranks and workers.
+
+Broken data never stops a run: an undecodable sample (bad JPEG, bad JSON, missing member) counts as
+``corrupt_samples``, a shard that fails to open or read to the end (e.g. truncated) as ``shard_errors``.
+Workers send their running counts along with each batch; ``Loader.stats()`` sums the latest ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import cv2
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.data.augment import AugmentConfig, Labelled, augment_train_sample, letterbox
+from pipeline.data.manifest import DataError, Manifest
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, eq=False)
+class Sample(Labelled):
+    """A decoded shard sample: image HxWx3 uint8 BGR, boxes (N, 4) float32 xyxy pixels, classes (N,) int64."""
+
+    image_id: int
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Shards (indices into the URL list, in read order) one worker reads; it keeps raw sample k of that
+    stream (0-based, corrupt samples included) when k % stride == offset."""
+
+    shards: tuple[int, ...]
+    stride: int = 1
+    offset: int = 0
+
+
+@dataclass
+class ErrorCounts:
+    """Problems one worker met so far; ``add`` logs a warning the first time each kind appears."""
+
+    corrupt_samples: int = 0
+    shard_errors: int = 0
+    warned: set[str] = field(default_factory=set)
+
+    def add(self, kind: str, detail: str) -> None:
+        setattr(self, kind, getattr(self, kind) + 1)
+        if kind not in self.warned:
+            self.warned.add(kind)
+            log.warning("skipping bad data (%s, further ones are only counted): %s", kind, detail)
+
+    def as_tuple(self) -> tuple[int, int]:
+        return self.corrupt_samples, self.shard_errors
+
+
+def partition(order: Sequence[int], rank: int, world_size: int, worker: int, num_workers: int) -> Partition:
+    """The share of (``rank``, ``worker``) of the shards in ``order``.
+
+    Ranks get shards ``order[rank::world_size]`` when there are at least ``world_size`` shards, else every
+    rank reads all shards and keeps samples k % world_size == rank. Within a rank the same rule splits the
+    rank's share among ``num_workers`` workers.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    if num_workers < 1 or not 0 <= worker < num_workers:
+        raise ValueError(f"worker {worker} is outside num_workers {num_workers}")
+    if not order:
+        raise DataError("there are no shards to partition")
+    if len(order) >= world_size:
+        shards, stride, offset = tuple(order[rank::world_size]), 1, 0
+    else:
+        shards, stride, offset = tuple(order), world_size, rank
+    if stride == 1 and len(shards) >= num_workers:
+        return Partition(shards[worker::num_workers])
+    # Sample k of the rank's stream is sample stride*k + offset of the whole stream.
+    return Partition(shards, stride * num_workers, offset + stride * worker)
+
+
+def partition_size(part: Partition, shard_sizes: Sequence[int]) -> int:
+    """Samples ``part`` yields when no sample is corrupt, from the manifest's samples per shard."""
+    total = sum(shard_sizes[i] for i in part.shards)
+    return len(range(part.offset, total, part.stride))
+
+
+def decode_sample(raw: dict[str, Any]) -> Sample:
+    """Decode one webdataset sample dict (``jpg`` and ``json`` bytes). Raises DataError naming the sample."""
+    where = f"sample {raw.get('__key__')} of {raw.get('__url__')}"
+    if "jpg" not in raw or "json" not in raw:
+        raise DataError(f"{where}: needs .jpg and .json members, has {sorted(k for k in raw if k[0] != '_')}")
+    try:
+        meta = json.loads(raw["json"])
+        image_id = int(meta["image_id"])
+        boxes = np.asarray(meta["boxes"], dtype=np.float32).reshape(-1, 4)
+        classes = np.asarray(meta["classes"], dtype=np.int64).reshape(-1)
+        size = (int(meta["height"]), int(meta["width"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{where}: bad annotation JSON ({type(e).__name__}: {e})") from e
+    if len(boxes) != len(classes):
+        raise DataError(f"{where}: {len(boxes)} boxes but {len(classes)} classes")
+    if not np.isfinite(boxes).all() or (classes < 0).any():
+        raise DataError(f"{where}: non-finite box coordinates or negative class ids")
+    image = cv2.imdecode(np.frombuffer(raw["jpg"], dtype=np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise DataError(f"{where}: the JPEG does not decode")
+    if image.shape[:2] != size:
+        raise DataError(f"{where}: image is {image.shape[:2]} (h, w) but the JSON says {size}")
+    return Sample(image=image, boxes=boxes, classes=classes, image_id=image_id)
+
+
+def iter_samples(
+    urls: Sequence[str], part: Partition, errors: ErrorCounts, shard_sizes: Sequence[int] | None = None
+) -> Iterator[Sample]:
+    """One pass over ``part`` of the shards at ``urls``: its decodable samples in read order.
+
+    Bad samples and shards are skipped and counted in ``errors``: one shard error per shard that fails to
+    open or read, or (given the manifest's ``shard_sizes``) holds another number of samples than listed,
+    which is how a tar cut at a member boundary shows up.
+    """
+    k = 0
+    for shard in part.shards:
+        failures: list[str] = []
+
+        def keep_going(exn: Exception, failures: list[str] = failures) -> bool:
+            failures.append(f"{type(exn).__name__}: {exn}")
+            return True
+
+        raw_count = 0
+        for raw in wds.tarfile_samples([{"url": urls[shard]}], handler=keep_going):
+            raw_count += 1
+            mine = k % part.stride == part.offset
+            k += 1
+            if not mine:
+                continue
+            try:
+                yield decode_sample(raw)
+            except DataError as e:
+                errors.add("corrupt_samples", str(e))
+        if not failures and shard_sizes is not None and raw_count != shard_sizes[shard]:
+            failures.append(
+                f"holds {raw_count} samples but the manifest lists {shard_sizes[shard]} (truncated?)"
+            )
+        if failures:
+            errors.add("shard_errors", f"{urls[shard]}: {failures[0]}")
+
+
+def buffered_shuffle(stream: Iterable[T], size: int, rng: np.random.Generator) -> Iterator[tuple[T, list[T]]]:
+    """Each item of ``stream`` exactly once, in an order shuffled within a ``size``-item buffer, together
+    with the buffer's other contents (valid until the next item is requested; used for mosaic partners)."""
+    if size < 1:
+        raise ValueError(f"shuffle buffer size must be >= 1, got {size}")
+    buffer: list[T] = []
+    for item in stream:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        j = int(rng.integers(len(buffer)))
+        out, buffer[j] = buffer[j], item
+        yield out, buffer
+    rng.shuffle(buffer)
+    while buffer:
+        out = buffer.pop()
+        yield out, buffer
+
+
+def shard_order(num_shards: int, seed: int, epoch: int, pass_index: int) -> list[int]:
+    """Shard read order of one pass: a permutation fixed by (seed, epoch, pass), the same on every rank."""
+    return [int(i) for i in np.random.default_rng([seed, epoch, pass_index]).permutation(num_shards)]
+
+
+@dataclass(frozen=True)
+class _TrainSpec:
+    urls: tuple[str, ...]
+    shard_sizes: tuple[int, ...]
+    batch_size: int
+    imgsz: int
+    rank: int
+    world_size: int
+    epoch: int
+    seed: int
+    augment: AugmentConfig
+    mosaic: bool
+    steps: int
+    shuffle_buffer: int
+
+
+@dataclass(frozen=True)
+class _ValSpec:
+    urls: tuple[str, ...]
+    shard_sizes: tuple[int, ...]
+    batch_size: int
+    imgsz: int
+    rank: int
+    world_size: int
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def train_samples(spec: _TrainSpec, worker: int, num_workers: int, errors: ErrorCounts) -> Iterator[Sample]:
+    """Endless sample stream of one worker: pass 0 of its partition, then passes over new shard orders
+    (resampling). Raises DataError if a whole pass yields nothing decodable."""
+    everything = False
+    for pass_index in itertools.count():
+        order = shard_order(len(spec.urls), spec.seed, spec.epoch, pass_index)
+        part = (
+            Partition(tuple(order))
+            if everything
+            else partition(order, spec.rank, spec.world_size, worker, num_workers)
+        )
+        produced = False
+        for sample in iter_samples(spec.urls, part, errors, spec.shard_sizes):
+            produced = True
+            yield sample
+        if not produced:
+            if everything or part.stride == 1:
+                raise DataError(
+                    f"worker {worker} of rank {spec.rank} found no decodable sample in its shards "
+                    f"({errors.corrupt_samples} corrupt samples, {errors.shard_errors} shard errors so far)"
+                )
+            # Fewer samples than ranks x workers left this worker's modulo share empty: it resamples from
+            # all shards rather than stall the rank.
+            everything = True
+
+
+def _batch_quota(steps: int, worker: int, num_workers: int) -> int:
+    return steps // num_workers + (1 if worker < steps % num_workers else 0)
+
+
+def _images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """Same-size HxWx3 BGR uint8 images -> contiguous (B, 3, H, W) uint8 RGB tensor."""
+    h, w = images[0].shape[:2]
+    batch = np.empty((len(images), 3, h, w), dtype=np.uint8)
+    for i, image in enumerate(images):
+        batch[i] = image.transpose(2, 0, 1)[::-1]  # HWC BGR -> CHW RGB in one strided copy
+    return torch.from_numpy(batch)
+
+
+def _targets(boxes: list[np.ndarray], classes: list[np.ndarray]) -> torch.Tensor:
+    """Per-image (N_i, 4) boxes and (N_i,) classes -> (M, 6) float32 rows [index in batch, class, xyxy]."""
+    rows = [
+        np.column_stack([np.full(len(b), i, dtype=np.float32), c.astype(np.float32), b])
+        for i, (b, c) in enumerate(zip(boxes, classes, strict=True))
+    ]
+    return torch.from_numpy(np.concatenate(rows).astype(np.float32).reshape(-1, 6))
+
+
+class _TrainStream(IterableDataset):
+    def __init__(self, spec: _TrainSpec) -> None:
+        self.spec = spec
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, tuple[int, int]]]:
+        spec = self.spec
+        worker, num_workers = _worker()
+        errors = ErrorCounts()
+        rng = np.random.default_rng([spec.seed, spec.epoch, spec.rank, worker, 1])
+        first = partition(
+            shard_order(len(spec.urls), spec.seed, spec.epoch, 0),
+            spec.rank,
+            spec.world_size,
+            worker,
+            num_workers,
+        )
+        # A buffer larger than one pass would only hold repeats of the same images.
+        size = max(1, min(spec.shuffle_buffer, partition_size(first, spec.shard_sizes)))
+        samples = buffered_shuffle(train_samples(spec, worker, num_workers, errors), size, rng)
+        for _ in range(_batch_quota(spec.steps, worker, num_workers)):
+            images, boxes, classes = [], [], []
+            for _ in range(spec.batch_size):
+                main, partners = next(samples)
+                out = augment_train_sample(main, partners, spec.imgsz, spec.augment, spec.mosaic, rng)
+                images.append(out.image)
+                boxes.append(out.boxes)
+                classes.append(out.classes)
+            yield _images_to_tensor(images), _targets(boxes, classes), worker, errors.as_tuple()
+
+
+class _ValStream(IterableDataset):
+    def __init__(self, spec: _ValSpec) -> None:
+        self.spec = spec
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[dict[str, Any]], int, tuple[int, int]]]:
+        spec = self.spec
+        worker, num_workers = _worker()
+        errors = ErrorCounts()
+        order = list(range(len(spec.urls)))
+        part = partition(order, spec.rank, spec.world_size, worker, num_workers)
+        images: list[np.ndarray] = []
+        metas: list[dict[str, Any]] = []
+        for sample in iter_samples(spec.urls, part, errors, spec.shard_sizes):
+            image, ratio, pad = letterbox(sample.image, spec.imgsz)
+            images.append(image)
+            h, w = sample.image.shape[:2]
+            metas.append({"image_id": sample.image_id, "orig_shape": (h, w), "ratio": ratio, "pad": pad})
+            if len(images) == spec.batch_size:
+                yield _images_to_tensor(images), metas, worker, errors.as_tuple()
+                images, metas = [], []
+        if images:
+            yield _images_to_tensor(images), metas, worker, errors.as_tuple()
+
+
+class Loader:
+    """Iterable over batches of a DataLoader whose workers send (a, b, worker_id, error counts).
+
+    Yields (a, b); ``stats()`` = {"corrupt_samples", "shard_errors"} summed over the workers' latest counts.
+    ``len()`` is the number of batches when known in advance (train: steps_per_epoch).
+    """
+
+    def __init__(self, dataloader: DataLoader, length: int | None) -> None:
+        self._dataloader = dataloader
+        self._length = length
+        self._counts: dict[int, tuple[int, int]] = {}
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        self._counts = {}
+        if self._dataloader.num_workers > 0:
+            # Workers are forked when iteration starts. OpenCV's thread pool does not survive a fork (a worker
+            # that touches it can hang for good), and one thread per worker is what we want anyway: shut the
+            # pool down here so that the workers inherit none.
+            cv2.setNumThreads(1)
+        for a, b, worker, counts in self._dataloader:
+            self._counts[int(worker)] = tuple(int(c) for c in counts)
+            yield a, b
+
+    def __len__(self) -> int:
+        if self._length is None:
+            raise TypeError("this loader's length is not known before iterating")
+        return self._length
+
+    def stats(self) -> dict[str, int]:
+        totals = [sum(c[i] for c in self._counts.values()) for i in range(2)]
+        return {"corrupt_samples": totals[0], "shard_errors": totals[1]}
+
+
+def _dataloader(dataset: IterableDataset, num_workers: int) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+        collate_fn=_identity,
+    )
+
+
+def _identity(batch: T) -> T:
+    return batch
+
+
+def _check_common(manifest: Manifest, batch_size: int, imgsz: int, num_workers: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if imgsz < 32 or imgsz % 32:
+        raise ValueError(f"imgsz must be a positive multiple of 32, got {imgsz}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if manifest.num_samples == 0:
+        raise DataError(f"{manifest.path}: the split lists no samples")
+
+
+def make_train_loader(
+    manifest: Manifest,
+    batch_size: int,
+    imgsz: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    epoch: int,
+    seed: int,
+    augment: AugmentConfig,
+    mosaic: bool,
+    steps_per_epoch: int,
+    shuffle_buffer: int = 256,
+) -> Loader:
+    """Augmented training batches of one rank for one epoch: exactly ``steps_per_epoch`` of
+    (images uint8 (B, 3, imgsz, imgsz) RGB, targets float32 (M, 6) [index in batch, class, x1, y1, x2, y2]
+    pixels of the imgsz x imgsz image). Shard order and augmentation are fixed by (seed, epoch, rank)."""
+    _check_common(manifest, batch_size, imgsz, num_workers)
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    if shuffle_buffer < 1:
+        raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
+    spec = _TrainSpec(
+        urls=tuple(manifest.shard_urls),
+        shard_sizes=tuple(s.samples for s in manifest.shards),
+        batch_size=batch_size,
+        imgsz=imgsz,
+        rank=rank,
+        world_size=world_size,
+        epoch=epoch,
+        seed=seed,
+        augment=augment,
+        mosaic=mosaic,
+        steps=steps_per_epoch,
+        shuffle_buffer=shuffle_buffer,
+    )
+    partition(list(range(len(spec.urls))), rank, world_size, 0, max(num_workers, 1))  # fail early on bad ids
+    # A worker with no batch to make would still start and read shards; don't spawn it.
+    workers = min(num_workers, steps_per_epoch)
+    return Loader(_dataloader(_TrainStream(spec), workers), steps_per_epoch)
+
+
+def make_val_loader(
+    manifest: Manifest, batch_size: int, imgsz: int, rank: int, world_size: int, num_workers: int
+) -> Loader:
+    """Letterboxed batches of (images uint8 (B, 3, imgsz, imgsz) RGB, metas) covering this rank's share of
+    the split; over all ranks every sample comes exactly once. metas[i] = {"image_id", "orig_shape": (h, w),
+    "ratio", "pad": (left, top)} maps boxes back with ``unletterbox_boxes``."""
+    _check_common(manifest, batch_size, imgsz, num_workers)
+    spec = _ValSpec(
+        urls=tuple(manifest.shard_urls),
+        shard_sizes=tuple(s.samples for s in manifest.shards),
+        batch_size=batch_size,
+        imgsz=imgsz,
+        rank=rank,
+        world_size=world_size,
+    )
+    partition(list(range(len(spec.urls))), rank, world_size, 0, max(num_workers, 1))  # fail early on bad ids
+    return Loader(_dataloader(_ValStream(spec), num_workers), None)

@@ -1,0 +1,330 @@
+"""Readers for COCO, YOLO and Pascal VOC datasets: annotations in, ``Record`` objects out.
+
+Readers parse annotations only (images are opened by the writer, which checks them), so a reader over
+100k images is quick and light. Every problem a reader or the writer meets is counted in a ``Report``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from pipeline.data.manifest import DataError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+MAX_EXAMPLES = 5
+# JPEG frame headers usually sit within the first few kB; EXIF thumbnails can push them to ~64 kB.
+HEADER_BYTES = 1 << 17
+
+
+@dataclass(frozen=True, eq=False)
+class Record:
+    """One source image and its boxes, before checking.
+
+    ``boxes``: float32 (N, 4) xyxy in pixels of the ORIGINAL image (pixel-edge coordinates: a box covering
+    pixel columns 0..9 is x1=0, x2=10). ``classes``: int64 (N,) 0-based. Exactly one of ``image_path`` /
+    ``image_bytes`` (encoded JPEG or PNG) is set.
+    """
+
+    source_id: str
+    file_name: str
+    boxes: np.ndarray
+    classes: np.ndarray
+    image_path: Path | None = None
+    image_bytes: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if (self.image_path is None) == (self.image_bytes is None):
+            raise ValueError(f"record {self.source_id}: set exactly one of image_path and image_bytes")
+        boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
+        classes = np.asarray(self.classes, dtype=np.int64).reshape(-1)
+        if len(boxes) != len(classes):
+            raise ValueError(f"record {self.source_id}: {len(boxes)} boxes but {len(classes)} classes")
+        object.__setattr__(self, "boxes", boxes)
+        object.__setattr__(self, "classes", classes)
+
+
+@dataclass
+class Report:
+    """Counts per problem kind (e.g. "box_clipped") and the first few examples of each."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, kind: str, example: str, count: int = 1) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + count
+        shown = self.examples.setdefault(kind, [])
+        if len(shown) < MAX_EXAMPLES:
+            shown.append(example)
+
+    def extend(self, problems: Iterable[tuple[str, str]]) -> None:
+        for kind, example in problems:
+            self.add(kind, example)
+
+    def to_dict(self) -> dict[str, Any]:
+        kinds = sorted(self.counts)
+        return {
+            "counts": {k: self.counts[k] for k in kinds},
+            "examples": {k: self.examples[k] for k in kinds},
+        }
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "no problems found"
+        lines = []
+        for kind in sorted(self.counts):
+            lines.append(f"{kind}: {self.counts[kind]}")
+            lines.extend(f"    e.g. {example}" for example in self.examples[kind])
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a reader found: class names (index = class id), records, and a description for the manifest."""
+
+    class_names: list[str]
+    records: list[Record]
+    report: Report
+    info: dict[str, Any]
+
+
+def read_coco(annotation_json: str | Path, image_dir: str | Path) -> Source:
+    """Read a COCO instances JSON; images are ``image_dir / file_name``.
+
+    Category ids map to contiguous 0-based classes in sorted id order. ``bbox`` [x, y, w, h] becomes xyxy.
+    Crowd annotations, unknown category or image ids and malformed annotations are skipped and counted.
+    """
+    annotation_json, image_dir = Path(annotation_json), Path(image_dir)
+    data = _load_json(annotation_json)
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
+    if missing:
+        raise DataError(f"{annotation_json}: COCO file lacks the lists {missing}")
+    try:
+        categories = sorted(data["categories"], key=lambda c: int(c["id"]))
+        class_of = {int(c["id"]): i for i, c in enumerate(categories)}
+        class_names = [str(c["name"]) for c in categories]
+        images = sorted(data["images"], key=lambda im: int(im["id"]))
+        file_names = {int(im["id"]): str(im["file_name"]) for im in images}
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{annotation_json}: malformed COCO images/categories ({e!r})") from e
+    if not class_names:
+        raise DataError(f"{annotation_json}: COCO file has no categories")
+    if len(file_names) != len(images) or len(class_of) != len(categories):
+        raise DataError(f"{annotation_json}: image ids or category ids are not unique")
+
+    report = Report()
+    boxes: dict[int, list[list[float]]] = {i: [] for i in file_names}
+    classes: dict[int, list[int]] = {i: [] for i in file_names}
+    for ann in data["annotations"]:
+        where = f"{annotation_json.name} annotation {ann.get('id') if isinstance(ann, dict) else ann!r}"
+        try:
+            image_id, category_id = int(ann["image_id"]), int(ann["category_id"])
+            x, y, w, h = (float(v) for v in ann["bbox"])
+        except (KeyError, TypeError, ValueError):
+            report.add("malformed_annotation", where)
+            continue
+        if ann.get("iscrowd", 0):
+            report.add("crowd_skipped", where)
+        elif category_id not in class_of:
+            report.add("unknown_category", f"{where}: category_id {category_id}")
+        elif image_id not in file_names:
+            report.add("unknown_image_id", f"{where}: image_id {image_id}")
+        else:
+            boxes[image_id].append([x, y, x + w, y + h])
+            classes[image_id].append(class_of[category_id])
+    records = [
+        Record(str(i), name, np.array(boxes[i], np.float32), np.array(classes[i], np.int64), image_dir / name)
+        for i, name in file_names.items()
+    ]
+    info = {"format": "coco", "annotations": str(annotation_json), "images": str(image_dir)}
+    return Source(class_names, records, report, info)
+
+
+def read_yolo(root: str | Path, data_yaml: str | Path) -> Source:
+    """Read a YOLO dataset: ``root/images/*.jpg|png`` with ``root/labels/<stem>.txt``.
+
+    Label lines are ``cls xc yc w h`` normalised to [0, 1]; class names come from the data YAML ``names``
+    (a list, or a dict {index: name}). Malformed lines are counted and skipped; a missing label file means
+    an image without boxes. Image sizes are read from the file header to turn boxes into pixels.
+    """
+    root = Path(root)
+    class_names = _yolo_names(Path(data_yaml))
+    image_dir = root / "images"
+    if not image_dir.is_dir():
+        raise DataError(f"{root}: YOLO dataset lacks an images/ directory")
+    report = Report()
+    records = []
+    for image_path in sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        size = _header_size(image_path)
+        if size is None:
+            report.add("unreadable_image", str(image_path))
+            continue
+        label_path = root / "labels" / f"{image_path.stem}.txt"
+        rows = _yolo_rows(label_path, report) if label_path.is_file() else []
+        width, height = size
+        boxes = np.array([r[1:] for r in rows], np.float32).reshape(-1, 4)
+        xc, yc, w, h = boxes.T
+        xyxy = np.stack(
+            [(xc - w / 2) * width, (yc - h / 2) * height, (xc + w / 2) * width, (yc + h / 2) * height], 1
+        )
+        classes = np.array([r[0] for r in rows], np.int64)
+        records.append(Record(image_path.stem, image_path.name, xyxy, classes, image_path))
+    if not records and not report.counts:
+        raise DataError(f"{image_dir}: no .jpg/.jpeg/.png images found")
+    info = {"format": "yolo", "root": str(root), "data_yaml": str(data_yaml)}
+    return Source(class_names, records, report, info)
+
+
+def read_voc(root: str | Path, class_names: list[str] | None = None) -> Source:
+    """Read Pascal VOC: ``root/Annotations/*.xml`` with images in ``root/JPEGImages/``.
+
+    VOC corners are 1-based inclusive pixel indices, so xyxy = (xmin - 1, ymin - 1, xmax, ymax).
+    Class names are ``class_names`` if given (other names are counted as unknown and skipped), else the
+    sorted union of the names found. ``difficult`` objects are kept.
+    """
+    root = Path(root)
+    ann_dir = root / "Annotations"
+    if not ann_dir.is_dir():
+        raise DataError(f"{root}: VOC dataset lacks an Annotations/ directory")
+    report = Report()
+    parsed = []
+    for xml_path in sorted(ann_dir.glob("*.xml")):
+        try:
+            parsed.append(_voc_objects(xml_path))
+        except (ET.ParseError, KeyError, TypeError, ValueError) as e:
+            report.add("malformed_annotation", f"{xml_path.name}: {e}")
+    if not parsed and not report.counts:
+        raise DataError(f"{ann_dir}: no .xml annotation files found")
+    names = (
+        list(class_names) if class_names is not None else sorted({n for _, objs in parsed for n, _ in objs})
+    )
+    if not names:
+        raise DataError(f"{ann_dir}: no object names found and no class names given")
+    class_of = {n: i for i, n in enumerate(names)}
+    records = []
+    for file_name, objects in parsed:
+        boxes, classes = [], []
+        for name, box in objects:
+            if name in class_of:
+                boxes.append(box)
+                classes.append(class_of[name])
+            else:
+                report.add("unknown_category", f"{file_name}: {name!r}")
+        image_path = root / "JPEGImages" / file_name
+        records.append(
+            Record(
+                Path(file_name).stem, file_name, np.array(boxes, np.float32), np.array(classes), image_path
+            )
+        )
+    return Source(names, records, report, {"format": "voc", "root": str(root)})
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) in pixels from a JPEG or PNG header, or None if the bytes are neither or cut short.
+
+    Reads the header only, so it costs microseconds rather than a full decode.
+    """
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and data[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", data[16:24])
+        return (width, height) if width and height else None
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length field
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        # SOF0..SOF15 carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range but do not.
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if pos + 9 > len(data):
+                return None
+            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
+            return (width, height) if width and height else None
+        pos += 2 + length
+    return None
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """``image_size`` from the file's first bytes, reading the whole file only if the header runs longer."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(HEADER_BYTES)
+            return image_size(head) or image_size(head + f.read())
+    except OSError:
+        return None
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DataError(f"{path}: annotation file not found")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return data
+
+
+def _yolo_names(data_yaml: Path) -> list[str]:
+    if not data_yaml.is_file():
+        raise DataError(f"{data_yaml}: data YAML not found")
+    try:
+        data = yaml.safe_load(data_yaml.read_text())
+    except yaml.YAMLError as e:
+        raise DataError(f"{data_yaml}: not valid YAML ({e})") from e
+    names = data.get("names") if isinstance(data, dict) else None
+    if isinstance(names, dict):
+        if sorted(names) != list(range(len(names))):
+            raise DataError(f"{data_yaml}: names dict keys must be 0..{len(names) - 1}, got {sorted(names)}")
+        names = [names[i] for i in range(len(names))]
+    if not isinstance(names, list) or not names:
+        raise DataError(f"{data_yaml}: 'names' must be a non-empty list or {{index: name}} dict")
+    return [str(n) for n in names]
+
+
+def _yolo_rows(label_path: Path, report: Report) -> list[tuple[int, float, float, float, float]]:
+    rows = []
+    for lineno, line in enumerate(label_path.read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            if len(fields) != 5:
+                raise ValueError(f"expected 5 fields, got {len(fields)}")
+            cls = int(fields[0])
+            xc, yc, w, h = (float(v) for v in fields[1:])
+        except ValueError:
+            report.add("malformed_label_line", f"{label_path.name}:{lineno}: {line.strip()!r}")
+            continue
+        rows.append((cls, xc, yc, w, h))
+    return rows
+
+
+def _voc_objects(xml_path: Path) -> tuple[str, list[tuple[str, list[float]]]]:
+    tree = ET.parse(xml_path).getroot()
+    file_name = tree.findtext("filename") or f"{xml_path.stem}.jpg"
+    objects = []
+    for obj in tree.iter("object"):
+        name = obj.findtext("name")
+        box = obj.find("bndbox")
+        if name is None or box is None:
+            raise ValueError("object without name or bndbox")
+        x1, y1, x2, y2 = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+        objects.append((name.strip(), [x1 - 1, y1 - 1, x2, y2]))
+    return file_name, objects

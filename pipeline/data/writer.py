@@ -1,0 +1,313 @@
+"""Check records and write them as WebDataset tar shards plus a manifest (and COCO ground truth for val).
+
+Each sample is ``<key>.jpg`` + ``<key>.json``, key = 9-digit index of the sample within the split. Tars are
+byte-for-byte deterministic (sorted members, mtime 0, no owner), so the manifest's sha256 identify content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import math
+import multiprocessing
+import re
+import sys
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.data.manifest import (
+    DataError,
+    Manifest,
+    ShardInfo,
+    coco_json_path,
+    manifest_path,
+    shard_name,
+    write_json_atomic,
+    write_manifest,
+)
+from pipeline.data.readers import Record, Report
+
+JPEG_QUALITY = 95
+KEY_DIGITS = 9
+SPLIT_PATTERN = re.compile(r"[A-Za-z0-9_]+")
+# Records handed to the worker pool per round: bounds memory when records carry their image bytes.
+RECORDS_PER_WORKER_ROUND = 64
+
+Problem = tuple[str, str]
+
+
+@dataclass(frozen=True, eq=False)
+class Sample:
+    """A checked record ready to store: JPEG bytes of the stored image, float32 (N, 4) xyxy boxes in
+    pixels of the stored image (``width`` x ``height``), int64 (N,) classes."""
+
+    file_name: str
+    jpeg: bytes
+    width: int
+    height: int
+    boxes: np.ndarray
+    classes: np.ndarray
+
+
+def encode_record(
+    record: Record, num_classes: int, max_side: int | None
+) -> tuple[Sample | None, list[Problem]]:
+    """Check one record and produce the sample to store (None if the image is unusable) plus problems found.
+
+    Keeps the original JPEG bytes unless the image must shrink to ``max_side`` pixels (longest side), is not
+    a JPEG, or carries EXIF data (whose orientation tag decoders disagree on); those are re-encoded.
+    """
+    where = f"{record.file_name} (source id {record.source_id})"
+    if record.image_bytes is not None:
+        data = record.image_bytes
+    elif not record.image_path.is_file():
+        return None, [("missing_image", f"{where}: {record.image_path}")]
+    else:
+        try:
+            data = record.image_path.read_bytes()
+        except OSError as e:
+            return None, [("unreadable_image", f"{where}: {e}")]
+    # Annotations refer to the stored pixel grid, so EXIF rotation must not be applied.
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if image is None:
+        return None, [("unreadable_image", where)]
+    height, width = image.shape[:2]
+    boxes, classes, problems = check_boxes(record.boxes, record.classes, width, height, num_classes, where)
+
+    reasons = []
+    if max_side is not None and max(width, height) > max_side:
+        scale = max_side / max(width, height)
+        new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
+        boxes = boxes * np.array([new_w / width, new_h / height] * 2, np.float32)
+        width, height = new_w, new_h
+        reasons.append("resized")
+    if data[:3] != b"\xff\xd8\xff":
+        reasons.append("reencoded_non_jpeg")
+    elif data.find(b"Exif\x00\x00", 0, 65536) != -1:
+        reasons.append("reencoded_exif")
+    if reasons:
+        ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+        if not ok:
+            return None, [*problems, ("unreadable_image", f"{where}: JPEG encoding failed")]
+        data = buf.tobytes()
+        problems.extend((r, where) for r in reasons)
+    return Sample(record.file_name, data, width, height, boxes, classes), problems
+
+
+def check_boxes(
+    boxes: np.ndarray, classes: np.ndarray, width: int, height: int, num_classes: int, where: str
+) -> tuple[np.ndarray, np.ndarray, list[Problem]]:
+    """Drop invalid boxes and clip partly-outside ones to the ``width`` x ``height`` image.
+
+    ``boxes``: (N, 4) xyxy pixels; returns float32 (M, 4) boxes, int64 (M,) classes and the problems.
+    Dropped: non-finite coordinates, class outside [0, num_classes), x2 <= x1 or y2 <= y1, no overlap
+    with the image. Clipped (and counted): boxes that stick out of the image.
+    """
+    problems: list[Problem] = []
+    keep_boxes, keep_classes = [], []
+    for box, cls in zip(np.asarray(boxes, np.float64), np.asarray(classes, np.int64), strict=True):
+        x1, y1, x2, y2 = box
+        text = f"{where}: class {cls} box [{x1:.1f}, {y1:.1f}, {x2:.1f}, {y2:.1f}] in {width}x{height}"
+        if not np.isfinite(box).all():
+            problems.append(("nonfinite_box", text))
+        elif not 0 <= cls < num_classes:
+            problems.append(("class_out_of_range", f"{text}, {num_classes} classes"))
+        elif x2 <= x1 or y2 <= y1:
+            problems.append(("degenerate_box", text))
+        elif x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+            problems.append(("box_outside_image", text))
+        else:
+            clipped = np.clip(box, 0, [width, height, width, height])
+            if (clipped != box).any():
+                problems.append(("box_clipped", text))
+            keep_boxes.append(clipped)
+            keep_classes.append(cls)
+    return np.array(keep_boxes, np.float32).reshape(-1, 4), np.array(keep_classes, np.int64), problems
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> str:
+    """Write ``members`` (name, bytes) sorted by name into a deterministic tar; returns its sha256 hex."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, payload in sorted(members):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(payload), 0, 0o644
+            tar.addfile(info, io.BytesIO(payload))
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_shards(
+    records: Iterable[Record],
+    class_names: list[str],
+    out_dir: str | Path,
+    split: str,
+    shard_size: int = 1000,
+    max_side: int | None = None,
+    workers: int = 1,
+    overwrite: bool = False,
+    source: dict[str, Any] | None = None,
+    report: Report | None = None,
+) -> Manifest:
+    """Check ``records``, write ``out_dir/<split>-NNNNNN.tar`` shards of ``shard_size`` samples, then the
+    manifest (atomically, last) and, for split "val", ``val-coco.json``.
+
+    ``max_side``: downscale images whose longest side exceeds it (pixels), scaling boxes alike.
+    ``workers``: processes that decode/encode images (started with "spawn", so a calling script needs the
+    usual ``if __name__ == "__main__":`` guard). ``report`` (e.g. the reader's) is extended with the
+    writer's problems, printed to stderr and stored in the manifest. Raises DataError for an output that
+    already holds this split (unless ``overwrite``), bad settings, or when no valid sample remains.
+    """
+    _check_settings(class_names, split, shard_size, max_side, workers)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _clear_output(out_dir, split, overwrite)
+    report = report if report is not None else Report()
+    total = len(records) if hasattr(records, "__len__") else None
+    encode = partial(encode_record, num_classes=len(class_names), max_side=max_side)
+
+    shards: list[ShardInfo] = []
+    members: list[tuple[str, bytes]] = []
+    shard_boxes = 0
+    coco_images: list[dict[str, Any]] = []
+    coco_annotations: list[dict[str, Any]] = []
+    index = seen = 0
+    progress = tqdm(total=total, desc=f"{split} shards", unit="img", file=sys.stderr, disable=None)
+    with progress:
+        for sample, problems in _map_in_order(encode, records, workers):
+            progress.update()
+            seen += 1
+            report.extend(problems)
+            if sample is None:
+                continue
+            key = f"{index:0{KEY_DIGITS}d}"
+            meta = _sample_json(sample, image_id=index + 1)
+            members += [(f"{key}.jpg", sample.jpeg), (f"{key}.json", json.dumps(meta).encode())]
+            shard_boxes += len(sample.boxes)
+            if split == "val":
+                _add_coco(coco_images, coco_annotations, meta)
+            index += 1
+            if index % shard_size == 0:
+                shards.append(_flush(out_dir, split, len(shards), members, shard_boxes))
+                members, shard_boxes = [], 0
+    if members:
+        shards.append(_flush(out_dir, split, len(shards), members, shard_boxes))
+
+    print(f"{split}: {index} samples in {len(shards)} shards; report:\n{report.summary()}", file=sys.stderr)
+    if not shards:
+        raise DataError(f"no valid sample for split {split!r} out of {seen} records: {dict(report.counts)}")
+    if split == "val":
+        categories = [{"id": i + 1, "name": n} for i, n in enumerate(class_names)]
+        coco = {"images": coco_images, "annotations": coco_annotations, "categories": categories}
+        write_json_atomic(coco_json_path(out_dir, split), coco)
+    settings = {
+        "shard_size": shard_size,
+        "max_side": max_side,
+        "jpeg_quality": JPEG_QUALITY,
+        "key_digits": KEY_DIGITS,
+    }
+    manifest = Manifest(
+        path=manifest_path(out_dir, split).resolve(),
+        split=split,
+        class_names=list(class_names),
+        shards=shards,
+        source=dict(source or {}),
+        settings=settings,
+    )
+    write_manifest(manifest, report.to_dict())
+    return manifest
+
+
+def _check_settings(
+    class_names: list[str], split: str, shard_size: int, max_side: int | None, workers: int
+) -> None:
+    if not class_names or not all(isinstance(n, str) and n for n in class_names):
+        raise DataError(f"class_names must be a non-empty list of non-empty strings, got {class_names!r}")
+    if not SPLIT_PATTERN.fullmatch(split):
+        raise DataError(f"split name {split!r} must be letters, digits or underscores")
+    if shard_size < 1:
+        raise DataError(f"shard_size must be >= 1, got {shard_size}")
+    if max_side is not None and max_side < 1:
+        raise DataError(f"max_side must be >= 1 pixel, got {max_side}")
+    if workers < 1:
+        raise DataError(f"workers must be >= 1, got {workers}")
+
+
+def _clear_output(out_dir: Path, split: str, overwrite: bool) -> None:
+    """Refuse to mix with an earlier write of ``split``; with ``overwrite``, remove it (manifest first, so
+    an interrupted rewrite never leaves a manifest that lists stale shards)."""
+    shard_re = re.compile(rf"{split}-\d{{6}}\.tar")
+    shards = sorted(p for p in out_dir.iterdir() if shard_re.fullmatch(p.name))
+    meta = [p for p in (manifest_path(out_dir, split), coco_json_path(out_dir, split)) if p.exists()]
+    existing = meta + shards
+    if not existing:
+        return
+    if not overwrite:
+        names = ", ".join(p.name for p in existing[:3]) + (", ..." if len(existing) > 3 else "")
+        raise DataError(
+            f"{out_dir} already holds split {split!r} ({names}); pass overwrite=True (--overwrite)"
+        )
+    for path in existing:
+        path.unlink()
+
+
+def _map_in_order(
+    fn: Any, records: Iterable[Record], workers: int
+) -> Iterator[tuple[Sample | None, list[Problem]]]:
+    """``map(fn, records)`` in order, over ``workers`` processes, a bounded batch of records at a time."""
+    if workers == 1:
+        yield from map(fn, records)
+        return
+    # spawn: forking a process that already runs threads (Ray, tqdm) can deadlock.
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        it = iter(records)
+        while batch := list(itertools.islice(it, workers * RECORDS_PER_WORKER_ROUND)):
+            yield from pool.map(fn, batch, chunksize=max(1, math.ceil(len(batch) / (4 * workers))))
+
+
+def _sample_json(sample: Sample, image_id: int) -> dict[str, Any]:
+    return {
+        "image_id": image_id,
+        "file_name": sample.file_name,
+        "width": sample.width,
+        "height": sample.height,
+        # Millipixel precision: exact enough, and keeps float32 noise out of the JSON.
+        "boxes": [[round(float(v), 3) for v in box] for box in sample.boxes],
+        "classes": [int(c) for c in sample.classes],
+    }
+
+
+def _add_coco(images: list[dict[str, Any]], annotations: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    """Append one stored sample's COCO image entry and annotations (category id = class + 1)."""
+    images.append({k: meta[k] for k in ("file_name", "width", "height")} | {"id": meta["image_id"]})
+    for (x1, y1, x2, y2), cls in zip(meta["boxes"], meta["classes"], strict=True):
+        w, h = x2 - x1, y2 - y1
+        annotations.append(
+            {
+                "id": len(annotations) + 1,
+                "image_id": meta["image_id"],
+                "category_id": cls + 1,
+                "bbox": [x1, y1, w, h],
+                "area": w * h,
+                "iscrowd": 0,
+            }
+        )
+
+
+def _flush(out_dir: Path, split: str, index: int, members: list[tuple[str, bytes]], boxes: int) -> ShardInfo:
+    name = shard_name(split, index)
+    sha256 = write_tar(out_dir / name, members)
+    return ShardInfo(name=name, samples=len(members) // 2, boxes=boxes, sha256=sha256)
