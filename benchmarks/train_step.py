@@ -51,7 +51,9 @@ def step_loop(model, loss_fn, optimizer, images, targets, steps: int, dtype) -> 
     return times
 
 
-def measure(name: str, imgsz: int, batch: int, steps: int, device: torch.device, dtype, peak_tflops: float) -> dict:
+def measure(
+    name: str, imgsz: int, batch: int, steps: int, device: torch.device, dtype, peak_tflops: float
+) -> dict:
     model = build_model(name, num_classes=80)
     forward_gflops = gflops(model, imgsz, imgsz)
     model = model.to(device).train()
@@ -60,9 +62,17 @@ def measure(name: str, imgsz: int, batch: int, steps: int, device: torch.device,
     images, targets = synthetic_batch(batch, imgsz, 80, 8, device)
     times = step_loop(model, loss_fn, optimizer, images, targets, steps + 2, dtype)[2:]
     seconds = statistics.median(times)
-    out = {"bench": "train_step", "model": name, "device": device.type, "dtype": str(dtype or torch.float32),
-           "imgsz": imgsz, "batch": batch, "threads": torch.get_num_threads(),
-           "images_per_s": round(batch / seconds, 2), "ms_per_step": round(1000 * seconds, 1)}
+    out = {
+        "bench": "train_step",
+        "model": name,
+        "device": device.type,
+        "dtype": str(dtype or torch.float32),
+        "imgsz": imgsz,
+        "batch": batch,
+        "threads": torch.get_num_threads(),
+        "images_per_s": round(batch / seconds, 2),
+        "ms_per_step": round(1000 * seconds, 1),
+    }
     if device.type == "cuda":
         flops = 3 * forward_gflops * 1e9 * batch  # training ~ 3x the forward: forward + two backward GEMMs
         out["mfu"] = round(flops / seconds / (peak_tflops * 1e12), 4)
@@ -99,22 +109,37 @@ def ray_overhead(imgsz: int, batch: int, steps: int) -> list[dict]:
     plain_wall = time.perf_counter() - start
     if not ray.is_initialized():
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
-    trainer = TorchTrainer(loop, train_loop_config={**plain, "ray": True},
-                           scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 2}),
-                           run_config=RunConfig(name=f"bench-overhead-{time.time_ns()}", storage_path="/tmp/bench-ray"))
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={**plain, "ray": True},
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 2}),
+        run_config=RunConfig(name=f"bench-overhead-{time.time_ns()}", storage_path="/tmp/bench-ray"),
+    )
     start = time.perf_counter()
     trainer.fit()
     ray_wall = time.perf_counter() - start
     return [
-        {"bench": "ray_overhead", "what": "plain process", "steps": steps, "wall_s": round(plain_wall, 1),
-         "loop_s": round(plain["seconds"], 1)},
-        {"bench": "ray_overhead", "what": "ray train 1 worker", "steps": steps, "wall_s": round(ray_wall, 1),
-         "startup_and_teardown_s": round(ray_wall - plain_wall, 1)},
+        {
+            "bench": "ray_overhead",
+            "what": "plain process",
+            "steps": steps,
+            "wall_s": round(plain_wall, 1),
+            "loop_s": round(plain["seconds"], 1),
+        },
+        {
+            "bench": "ray_overhead",
+            "what": "ray train 1 worker",
+            "steps": steps,
+            "wall_s": round(ray_wall, 1),
+            "startup_and_teardown_s": round(ray_wall - plain_wall, 1),
+        },
     ]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--ray", action="store_true", help="also measure the Ray Train overhead")
     parser.add_argument("--peak-tflops", type=float, default=989.0)
@@ -124,7 +149,9 @@ def main() -> None:
     if device.type == "cuda":
         cases += [("yolov9-t", 640, 128, torch.bfloat16), ("yolov9-c", 640, 64, torch.bfloat16)]
     for name, imgsz, batch, dtype in cases:
-        print(json.dumps(measure(name, imgsz, batch, args.steps, device, dtype, args.peak_tflops)), flush=True)
+        print(
+            json.dumps(measure(name, imgsz, batch, args.steps, device, dtype, args.peak_tflops)), flush=True
+        )
     if args.ray:
         for line in ray_overhead(320, 8, args.steps * 4):
             print(json.dumps(line), flush=True)

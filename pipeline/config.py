@@ -201,8 +201,11 @@ def _check_values(cfg: Config, where: str) -> None:
     """Reject values no run could use."""
     t, d, r, loss = cfg.train, cfg.data, cfg.ray, cfg.loss
     rules = [
-        (cfg.model.name in MODEL_NAMES or cfg.model.name.endswith((".yaml", ".yml")), "model.name",
-         f"must be one of {', '.join(MODEL_NAMES)} or a model .yaml path"),
+        (
+            cfg.model.name in MODEL_NAMES or cfg.model.name.endswith((".yaml", ".yml")),
+            "model.name",
+            f"must be one of {', '.join(MODEL_NAMES)} or a model .yaml path",
+        ),
         (cfg.model.num_classes is None or cfg.model.num_classes >= 1, "model.num_classes", "must be >= 1"),
         (t.epochs >= 1, "train.epochs", "must be >= 1"),
         (t.batch_size >= 1, "train.batch_size", "must be >= 1"),
@@ -222,13 +225,23 @@ def _check_values(cfg: Config, where: str) -> None:
         (t.steps_per_epoch is None or t.steps_per_epoch >= 1, "train.steps_per_epoch", "must be >= 1"),
         (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
         (d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1"),
-        (all(0 <= getattr(d, k) <= 1 for k in ("hsv_h", "hsv_s", "hsv_v", "fliplr", "mosaic", "mixup")),
-         "data.hsv_*/fliplr/mosaic/mixup", "must be probabilities or gains in [0, 1]"),
-        (0 <= d.scale < 1 and 0 <= d.translate < 0.5, "data.scale/translate", "scale in [0, 1), translate in [0, 0.5)"),
+        (
+            all(0 <= getattr(d, k) <= 1 for k in ("hsv_h", "hsv_s", "hsv_v", "fliplr", "mosaic", "mixup")),
+            "data.hsv_*/fliplr/mosaic/mixup",
+            "must be probabilities or gains in [0, 1]",
+        ),
+        (
+            0 <= d.scale < 1 and 0 <= d.translate < 0.5,
+            "data.scale/translate",
+            "scale in [0, 1), translate in [0, 0.5)",
+        ),
         (loss.assign in ASSIGN_MODES, "loss.assign", f"must be one of {', '.join(ASSIGN_MODES)}"),
         (loss.tal_topk >= 1, "loss.tal_topk", "must be >= 1"),
-        (all(getattr(loss, k) >= 0 for k in ("aux_weight", "lead_weight", "box", "cls", "dfl")),
-         "loss weights", "must be >= 0"),
+        (
+            all(getattr(loss, k) >= 0 for k in ("aux_weight", "lead_weight", "box", "cls", "dfl")),
+            "loss weights",
+            "must be >= 0",
+        ),
         (r.num_workers >= 1, "ray.num_workers", "must be >= 1"),
         (r.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0"),
         (r.max_failures >= -1, "ray.max_failures", "must be >= -1 (-1: retry forever)"),

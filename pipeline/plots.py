@@ -18,7 +18,9 @@ def plot_curves(history: Sequence[dict[str, float]], path: str | Path) -> Path:
 
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_keys = sorted({k for h in history for k in h if k.startswith("train/") and k.endswith(("box", "cls", "dfl"))})
+    loss_keys = sorted(
+        {k for h in history for k in h if k.startswith("train/") and k.endswith(("box", "cls", "dfl"))}
+    )
     for key in loss_keys:
         ax_loss.plot(epochs, [h.get(key, np.nan) for h in history], label=key.removeprefix("train/"))
     ax_loss.set_xlabel("epoch")
@@ -35,8 +37,13 @@ def plot_curves(history: Sequence[dict[str, float]], path: str | Path) -> Path:
     return Path(path)
 
 
-def draw_boxes(image_rgb: np.ndarray, boxes: np.ndarray, labels: Sequence[str], color: tuple[int, int, int],
-               thickness: int = 2) -> np.ndarray:
+def draw_boxes(
+    image_rgb: np.ndarray,
+    boxes: np.ndarray,
+    labels: Sequence[str],
+    color: tuple[int, int, int],
+    thickness: int = 2,
+) -> np.ndarray:
     """Copy of an HxWx3 uint8 RGB image with xyxy pixel boxes and their labels drawn."""
     out = np.ascontiguousarray(image_rgb.copy())
     for (x1, y1, x2, y2), label in zip(boxes.round().astype(int).tolist(), labels, strict=True):

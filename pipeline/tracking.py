@@ -46,11 +46,14 @@ def check_tracking_uri(uri: str, timeout_s: float = 10.0) -> None:
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise TrackingError(f"MLflow store {uri}: folder {folder} does not exist or is not writable")
     elif uri.startswith("file:") or "://" not in uri:
-        raise TrackingError(f"MLflow 3 refuses plain file stores ({uri}); use sqlite:///path.db or http://host:port")
+        raise TrackingError(
+            f"MLflow 3 refuses plain file stores ({uri}); use sqlite:///path.db or http://host:port"
+        )
 
 
-def start_or_resume_run(uri: str, experiment: str, run_name: str, storage_path: str,
-                        params: dict[str, Any], tags: dict[str, str]) -> str:
+def start_or_resume_run(
+    uri: str, experiment: str, run_name: str, storage_path: str, params: dict[str, Any], tags: dict[str, str]
+) -> str:
     """The id of the unfinished MLflow run of this Ray run (same name and storage), or a new one."""
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -60,8 +63,9 @@ def start_or_resume_run(uri: str, experiment: str, run_name: str, storage_path: 
         if run.info.status != "FINISHED":
             client.update_run(run.info.run_id, status="RUNNING")
             return run.info.run_id
-    run = client.create_run(exp_id, run_name=run_name,
-                            tags={RUN_NAME_TAG: run_name, STORAGE_TAG: storage_path, **tags})
+    run = client.create_run(
+        exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, STORAGE_TAG: storage_path, **tags}
+    )
     items = [mlflow.entities.Param(k, str(v)) for k, v in flatten(params).items()]
     for i in range(0, len(items), 100):  # the server takes at most 100 params per batch
         client.log_batch(run.info.run_id, params=items[i : i + 100])
@@ -86,7 +90,9 @@ class MlflowEpochLogger(UserCallback):
     def __init__(self, tracking_uri: str, run_id: str) -> None:
         self.tracking_uri, self.run_id = tracking_uri, run_id
 
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Checkpoint | None) -> None:
+    def after_report(
+        self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Checkpoint | None
+    ) -> None:
         if not metrics:
             return
         rank0 = metrics[0]

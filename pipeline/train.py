@@ -98,13 +98,18 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     model = ray.train.torch.prepare_model(model, move_to_device=False)
     loss_fn = DualDetectionLoss(unwrap(model), **cfg.loss.__dict__)
-    steps_per_epoch = cfg.train.steps_per_epoch or max(
-        train_manifest.num_samples // global_batch, 1)
+    steps_per_epoch = cfg.train.steps_per_epoch or max(train_manifest.num_samples // global_batch, 1)
     schedule = Schedule(
-        lr0=cfg.train.lr0, lrf=cfg.train.lrf, epochs=cfg.train.epochs, steps_per_epoch=steps_per_epoch,
-        momentum=cfg.train.momentum, warmup_epochs=cfg.train.warmup_epochs,
-        warmup_min_steps=cfg.train.warmup_min_steps, warmup_bias_lr=cfg.train.warmup_bias_lr,
-        warmup_momentum=cfg.train.warmup_momentum, cosine=cfg.train.cosine,
+        lr0=cfg.train.lr0,
+        lrf=cfg.train.lrf,
+        epochs=cfg.train.epochs,
+        steps_per_epoch=steps_per_epoch,
+        momentum=cfg.train.momentum,
+        warmup_epochs=cfg.train.warmup_epochs,
+        warmup_min_steps=cfg.train.warmup_min_steps,
+        warmup_bias_lr=cfg.train.warmup_bias_lr,
+        warmup_momentum=cfg.train.warmup_momentum,
+        cosine=cfg.train.cosine,
     )
     augment = AugmentConfig(**{k: getattr(cfg.data, k) for k in AugmentConfig.__dataclass_fields__})
     val_manifest = read_manifest(manifest_path(cfg.data.root, "val"))
@@ -113,9 +118,17 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.train.epochs):
         mosaic = epoch < cfg.train.epochs - cfg.train.close_mosaic
         loader = make_train_loader(
-            train_manifest, batch_size=cfg.train.batch_size, imgsz=cfg.train.imgsz, rank=rank,
-            world_size=world, num_workers=cfg.data.num_workers, epoch=epoch, seed=cfg.train.seed,
-            augment=augment, mosaic=mosaic, steps_per_epoch=steps_per_epoch,
+            train_manifest,
+            batch_size=cfg.train.batch_size,
+            imgsz=cfg.train.imgsz,
+            rank=rank,
+            world_size=world,
+            num_workers=cfg.data.num_workers,
+            epoch=epoch,
+            seed=cfg.train.seed,
+            augment=augment,
+            mosaic=mosaic,
+            steps_per_epoch=steps_per_epoch,
             shuffle_buffer=cfg.data.shuffle_buffer,
         )
         sums: dict[str, float] = {}
@@ -162,14 +175,29 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         metrics["train/images_per_s"] = images_seen * world / max(elapsed, 1e-9)
         metrics["train/loader_wait_fraction"] = wait / max(elapsed, 1e-9)
         metrics["train/mosaic"] = float(mosaic)
+        # the values the loss really used, so a search can check what each trial trained with
+        metrics["hp/aux_weight"] = loss_fn.weights["aux"]
+        metrics["hp/lead_weight"] = loss_fn.weights["main"]
+        metrics["hp/tal_topk"] = float(loss_fn.assigner.topk)
+        metrics["hp/lr0"] = schedule.lr0
         if (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs:
             val_loader = make_val_loader(
-                val_manifest, batch_size=cfg.train.batch_size, imgsz=cfg.train.imgsz, rank=rank,
-                world_size=world, num_workers=min(cfg.data.num_workers, 1),
+                val_manifest,
+                batch_size=cfg.train.batch_size,
+                imgsz=cfg.train.imgsz,
+                rank=rank,
+                world_size=world,
+                num_workers=min(cfg.data.num_workers, 1),
             )
             scores = evaluate_distributed(
-                ema.module, val_loader, coco_json_path(cfg.data.root, "val"), category_ids, device,
-                conf_thres=cfg.train.val_conf, iou_thres=cfg.train.val_iou, max_det=cfg.train.val_max_det,
+                ema.module,
+                val_loader,
+                coco_json_path(cfg.data.root, "val"),
+                category_ids,
+                device,
+                conf_thres=cfg.train.val_conf,
+                iou_thres=cfg.train.val_iou,
+                max_det=cfg.train.val_max_det,
             )
             metrics[MAP_KEY] = scores["map50_95"]
             metrics["val/map50"] = scores["map50"]
@@ -180,14 +208,27 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         best_map = max(best_map, metrics.get(MAP_KEY, 0.0))
         metrics["val/best_map50_95"] = best_map
         history.append({k: float(v) for k, v in metrics.items()})
-        _report(rank, metrics, {
-            "model": unwrap(model).state_dict(), "ema": ema.state_dict(),
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": epoch + 1, "step": step, "config": loop_config["config"], "best_map": best_map,
-            "model_name": cfg.model.name, "num_classes": num_classes, "class_names": class_names,
-            "manifest_hash": train_manifest.manifest_hash, "val_manifest_hash": val_manifest.manifest_hash,
-            "history": history, "metrics": metrics,
-        })
+        _report(
+            rank,
+            metrics,
+            {
+                "model": unwrap(model).state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch + 1,
+                "step": step,
+                "config": loop_config["config"],
+                "best_map": best_map,
+                "model_name": cfg.model.name,
+                "num_classes": num_classes,
+                "class_names": class_names,
+                "manifest_hash": train_manifest.manifest_hash,
+                "val_manifest_hash": val_manifest.manifest_hash,
+                "history": history,
+                "metrics": metrics,
+            },
+        )
 
 
 def _maybe_inject_failure(loop_config: dict[str, Any], rank: int, epoch: int, batch: int) -> None:
@@ -227,18 +268,31 @@ class EpochPrinter(ray.train.UserCallback):
             self.first_epoch = epoch - 1
         done = epoch - self.first_epoch
         eta = (time.time() - self.started) / max(done, 1) * (self.epochs - epoch)
-        losses = " ".join(f"{k.removeprefix('train/')}={v:.3f}" for k, v in sorted(m.items())
-                          if k.startswith("train/") and k.endswith(("box", "cls", "dfl")))
-        print(f"epoch {epoch}/{self.epochs} {losses} mAP50-95={m.get(MAP_KEY, float('nan')):.4f} "
-              f"mAP50={m.get('val/map50', float('nan')):.4f} {m['train/images_per_s']:.1f} img/s "
-              f"loader-wait={m['train/loader_wait_fraction']:.0%} ETA {eta / 60:.1f} min", flush=True)
+        losses = " ".join(
+            f"{k.removeprefix('train/')}={v:.3f}"
+            for k, v in sorted(m.items())
+            if k.startswith("train/") and k.endswith(("box", "cls", "dfl"))
+        )
+        print(
+            f"epoch {epoch}/{self.epochs} {losses} mAP50-95={m.get(MAP_KEY, float('nan')):.4f} "
+            f"mAP50={m.get('val/map50', float('nan')):.4f} {m['train/images_per_s']:.1f} img/s "
+            f"loader-wait={m['train/loader_wait_fraction']:.0%} ETA {eta / 60:.1f} min",
+            flush=True,
+        )
         skipped = {k: int(v) for k, v in m.items() if k.startswith("data/") and v}
         if skipped:
-            print(f"epoch {epoch}: skipped unreadable data {skipped} (see the worker logs for examples)", flush=True)
+            print(
+                f"epoch {epoch}: skipped unreadable data {skipped} (see the worker logs for examples)",
+                flush=True,
+            )
 
 
-def fit(cfg: Config, tracking: tuple[str, str] | None = None,
-        loop_extras: dict[str, Any] | None = None) -> ray.train.Result:
+def fit(
+    cfg: Config,
+    tracking: tuple[str, str] | None = None,
+    loop_extras: dict[str, Any] | None = None,
+    callbacks: list[ray.train.UserCallback] | None = None,
+) -> ray.train.Result:
     """Run ``train_worker`` on ``cfg.ray.num_workers`` Ray Train workers; resumes a run of the same name.
 
     ``tracking`` is (MLflow tracking URI, run id) for per-epoch metrics. ``loop_extras`` adds keys
@@ -247,20 +301,23 @@ def fit(cfg: Config, tracking: tuple[str, str] | None = None,
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = cfg.ray.gpus_per_worker
-    callbacks: list[ray.train.UserCallback] = [EpochPrinter(cfg.train.epochs)]
-    if tracking is not None:
-        callbacks.append(MlflowEpochLogger(*tracking))
+    # MLflow first: a Tune scheduler may end the trial as soon as it sees the report
+    logger = [MlflowEpochLogger(*tracking)] if tracking is not None else []
+    callbacks = [EpochPrinter(cfg.train.epochs), *logger, *(callbacks or [])]
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), **(loop_extras or {})},
-        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources
+        ),
         run_config=RunConfig(
             name=cfg.ray.run_name,
             storage_path=cfg.ray.storage_path,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
-                                               checkpoint_score_attribute=MAP_KEY,
-                                               checkpoint_score_order="max"),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute=MAP_KEY,
+                checkpoint_score_order="max",
+            ),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             callbacks=callbacks,
         ),

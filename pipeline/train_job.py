@@ -47,16 +47,28 @@ def prepare_data(cfg: Config) -> tuple[Manifest, Manifest]:
     root = Path(cfg.data.root)
     s = cfg.data.synthetic
     if s is not None and not manifest_path(root, "train").exists():
-        print(f"generating the synthetic set ({s.num_train} train, {s.num_val} val images) in {root} ...",
-              flush=True)
-        write_synthetic_dataset(root, num_train=s.num_train, num_val=s.num_val, image_size=s.image_size,
-                                seed=s.seed, shard_size=s.shard_size, overwrite=True)
+        print(
+            f"generating the synthetic set ({s.num_train} train, {s.num_val} val images) in {root} ...",
+            flush=True,
+        )
+        write_synthetic_dataset(
+            root,
+            num_train=s.num_train,
+            num_val=s.num_val,
+            image_size=s.image_size,
+            seed=s.seed,
+            shard_size=s.shard_size,
+            overwrite=True,
+        )
     train, val = read_manifest(manifest_path(root, "train")), read_manifest(manifest_path(root, "val"))
     if not coco_json_path(root, "val").is_file():
-        raise DataError(f"{coco_json_path(root, 'val')} is missing: write the val split with jobs.make_shards")
+        raise DataError(
+            f"{coco_json_path(root, 'val')} is missing: write the val split with jobs.make_shards"
+        )
     if cfg.model.num_classes is not None and cfg.model.num_classes != train.num_classes:
-        raise DataError(f"model.num_classes is {cfg.model.num_classes} but {train.path} lists "
-                        f"{train.num_classes} classes")
+        raise DataError(
+            f"model.num_classes is {cfg.model.num_classes} but {train.path} lists {train.num_classes} classes"
+        )
     if val.class_names != train.class_names:
         raise DataError(f"{val.path} and {train.path} list different class names")
     return train, val
@@ -64,10 +76,12 @@ def prepare_data(cfg: Config) -> tuple[Manifest, Manifest]:
 
 def prediction_grid(state: dict[str, Any], cfg: Config, val_manifest: Manifest, count: int = 8) -> np.ndarray:
     """Validation images with true (green) and predicted (red) boxes of a checkpoint's EMA model."""
-    loader = make_val_loader(val_manifest, batch_size=count, imgsz=cfg.train.imgsz, rank=0, world_size=1,
-                             num_workers=0)
-    return render_predictions(ema_model(state), loader, coco_json_path(cfg.data.root, "val"),
-                              list(val_manifest.class_names), count)
+    loader = make_val_loader(
+        val_manifest, batch_size=count, imgsz=cfg.train.imgsz, rank=0, world_size=1, num_workers=0
+    )
+    return render_predictions(
+        ema_model(state), loader, coco_json_path(cfg.data.root, "val"), list(val_manifest.class_names), count
+    )
 
 
 def ensure_ray(address: str | None) -> None:
@@ -86,10 +100,16 @@ def run_training(cfg: Config, loop_extras: dict[str, Any] | None = None) -> Trai
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     check_tracking_uri(uri)
     run_id = start_or_resume_run(
-        uri, cfg.mlflow.experiment, cfg.ray.run_name, cfg.ray.storage_path, params=cfg.to_dict(),
-        tags={"dataset.manifest_hash": train_manifest.manifest_hash,
-              "dataset.val_manifest_hash": val_manifest.manifest_hash,
-              "model": cfg.model.name},
+        uri,
+        cfg.mlflow.experiment,
+        cfg.ray.run_name,
+        cfg.ray.storage_path,
+        params=cfg.to_dict(),
+        tags={
+            "dataset.manifest_hash": train_manifest.manifest_hash,
+            "dataset.val_manifest_hash": val_manifest.manifest_hash,
+            "model": cfg.model.name,
+        },
     )
     client = MlflowClient(uri)
     ensure_ray(cfg.ray.address)
@@ -122,10 +142,13 @@ def run_training(cfg: Config, loop_extras: dict[str, Any] | None = None) -> Trai
         client.set_tag(run_id, "best_checkpoint", best.path)
     client.set_terminated(run_id, status="FINISHED")
     return TrainingSummary(
-        run_name=cfg.ray.run_name, storage_path=cfg.ray.storage_path,
+        run_name=cfg.ray.run_name,
+        storage_path=cfg.ray.storage_path,
         best_checkpoint=best.path if best is not None else None,
         latest_checkpoint=latest.path if latest is not None else None,
-        best_map50_95=float(best_epoch.get(MAP_KEY, 0.0)), best_map50=float(best_epoch.get("val/map50", 0.0)),
-        epochs=int(history[-1]["epoch"]) if history else 0, mlflow_uri=uri, mlflow_run_id=run_id,
+        best_map50_95=float(best_epoch.get(MAP_KEY, 0.0)),
+        best_map50=float(best_epoch.get("val/map50", 0.0)),
+        epochs=int(history[-1]["epoch"]) if history else 0,
+        mlflow_uri=uri,
+        mlflow_run_id=run_id,
     )
-

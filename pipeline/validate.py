@@ -26,21 +26,35 @@ from yolov9.postprocess import non_max_suppression
 
 
 @torch.no_grad()
-def predict_detections(model: nn.Module, loader: Iterable, category_ids: list[int], device: torch.device,
-                       conf_thres: float = 0.001, iou_thres: float = 0.7, max_det: int = 300) -> list[dict]:
+def predict_detections(
+    model: nn.Module,
+    loader: Iterable,
+    category_ids: list[int],
+    device: torch.device,
+    conf_thres: float = 0.001,
+    iou_thres: float = 0.7,
+    max_det: int = 300,
+) -> list[dict]:
     """COCO-format detections (original-image pixels) for every image the loader yields."""
     model.eval()
     detections: list[dict] = []
     for images, metas in loader:
         x = images.to(device, non_blocking=True).float() / 255
-        preds = non_max_suppression(model(x).float(), conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det,
-                                    multi_label=True)
+        preds = non_max_suppression(
+            model(x).float(), conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, multi_label=True
+        )
         detections.extend(detections_from_predictions([p.cpu() for p in preds], metas, category_ids))
     return detections
 
 
-def evaluate_distributed(model: nn.Module, loader: Iterable, gt_json: str | Path, category_ids: list[int],
-                         device: torch.device, **nms: float) -> dict[str, float]:
+def evaluate_distributed(
+    model: nn.Module,
+    loader: Iterable,
+    gt_json: str | Path,
+    category_ids: list[int],
+    device: torch.device,
+    **nms: float,
+) -> dict[str, float]:
     """mAP@0.5:0.95 and mAP@0.5 over the whole val split, identical on every rank. ``nms`` takes
     ``conf_thres``, ``iou_thres`` and ``max_det`` of :func:`predict_detections`."""
     detections = predict_detections(model, loader, category_ids, device, **nms)
@@ -55,8 +69,14 @@ def evaluate_distributed(model: nn.Module, loader: Iterable, gt_json: str | Path
 
 
 @torch.no_grad()
-def render_predictions(model: nn.Module, loader: Iterable, gt_json: str | Path, class_names: list[str],
-                       count: int = 8, conf_thres: float = 0.25) -> np.ndarray:
+def render_predictions(
+    model: nn.Module,
+    loader: Iterable,
+    gt_json: str | Path,
+    class_names: list[str],
+    count: int = 8,
+    conf_thres: float = 0.25,
+) -> np.ndarray:
     """A grid of the first ``count`` letterboxed val images: true boxes in green, predictions in red."""
     gt = json.loads(Path(gt_json).read_text())
     truth: dict[int, list[dict]] = {}
@@ -66,8 +86,9 @@ def render_predictions(model: nn.Module, loader: Iterable, gt_json: str | Path, 
     device = next(model.parameters()).device
     tiles = []
     for images, metas in loader:
-        preds = non_max_suppression(model(images.to(device).float() / 255).float(), conf_thres=conf_thres,
-                                    iou_thres=0.7, max_det=100)
+        preds = non_max_suppression(
+            model(images.to(device).float() / 255).float(), conf_thres=conf_thres, iou_thres=0.7, max_det=100
+        )
         for image, meta, pred in zip(images, metas, preds, strict=True):
             tile = image.permute(1, 2, 0).numpy()
             anns = truth.get(meta["image_id"], [])
@@ -83,18 +104,37 @@ def render_predictions(model: nn.Module, loader: Iterable, gt_json: str | Path, 
     return image_grid(tiles)
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, imgsz: int | None = None,
-                        batch_size: int = 16, num_workers: int = 2, device: str = "cpu") -> dict[str, float]:
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data_root: str | Path,
+    imgsz: int | None = None,
+    batch_size: int = 16,
+    num_workers: int = 2,
+    device: str = "cpu",
+) -> dict[str, float]:
     """COCO mAP of a training checkpoint's EMA main branch on the val shards of ``data_root``
     (``imgsz`` defaults to the training image size)."""
     state = load_checkpoint(checkpoint)
     cfg = state["config"]
     manifest = read_manifest(manifest_path(data_root, "val"))
     if list(manifest.class_names) != list(state["class_names"]):
-        raise ValueError(f"{manifest.path} lists classes {manifest.class_names}, the checkpoint was trained on "
-                         f"{state['class_names']}")
+        raise ValueError(
+            f"{manifest.path} lists classes {manifest.class_names}, the checkpoint was trained on "
+            f"{state['class_names']}"
+        )
     model = ema_model(state).to(device)
-    loader = make_val_loader(manifest, batch_size=batch_size, imgsz=imgsz or cfg["train"]["imgsz"], rank=0,
-                             world_size=1, num_workers=num_workers)
-    return evaluate_distributed(model, loader, coco_json_path(data_root, "val"),
-                                list(range(1, len(manifest.class_names) + 1)), torch.device(device))
+    loader = make_val_loader(
+        manifest,
+        batch_size=batch_size,
+        imgsz=imgsz or cfg["train"]["imgsz"],
+        rank=0,
+        world_size=1,
+        num_workers=num_workers,
+    )
+    return evaluate_distributed(
+        model,
+        loader,
+        coco_json_path(data_root, "val"),
+        list(range(1, len(manifest.class_names) + 1)),
+        torch.device(device),
+    )

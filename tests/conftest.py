@@ -1,5 +1,6 @@
 """Shared fixtures: a small synthetic shard set on disk and one local Ray instance pinned to 127.0.0.1."""
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,12 @@ def tiny_shards(tmp_path_factory) -> Path:
     return root
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def local_ray():
     """A local Ray instance for the whole session, shut down by the session that started it."""
@@ -24,7 +31,16 @@ def local_ray():
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+        # The dashboard serves the state API that Ray Train uses to release the resources of runs
+        # whose driver was stopped (a trial ended by ASHA), so it stays on, on 127.0.0.1.
+        ray.init(
+            num_cpus=2,
+            _node_ip_address="127.0.0.1",
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=free_port(),
+            log_to_driver=False,
+        )
     yield ray
     if started:
         ray.shutdown()

@@ -25,7 +25,9 @@ def test_defaults_are_the_reference_recipe():
 
 def test_yaml_sections_and_overrides_are_typed(tmp_path):
     path = write(tmp_path, "model: {name: yolov9-t}\ntrain: {epochs: 5, lr0: 0.02}\n")
-    cfg = load_config(path, ["train.batch_size=4", "loss.aux_weight=1", "ray.use_gpu=true", "data.synthetic.seed=3"])
+    cfg = load_config(
+        path, ["train.batch_size=4", "loss.aux_weight=1", "ray.use_gpu=true", "data.synthetic.seed=3"]
+    )
     assert cfg.model.name == "yolov9-t" and cfg.train.epochs == 5 and cfg.train.batch_size == 4
     assert cfg.loss.aux_weight == 1.0 and isinstance(cfg.loss.aux_weight, float)
     assert cfg.ray.use_gpu is True
@@ -49,19 +51,22 @@ def test_shipped_configs_load(name):
     load_config(CONFIGS / name)
 
 
-@pytest.mark.parametrize("text, key", [
-    ("train: {epochs: 5, lr: 0.1}\n", "train.lr"),
-    ("trian: {epochs: 5}\n", "trian"),
-    ("train: {batch_size: 0}\n", "train.batch_size"),
-    ("train: {lr0: -0.01}\n", "train.lr0"),
-    ("train: {imgsz: 300}\n", "train.imgsz"),
-    ("train: {epochs: five}\n", "train.epochs"),
-    ("train: {epochs: 2.5}\n", "train.epochs"),
-    ("ray: {use_gpu: maybe}\n", "ray.use_gpu"),
-    ("loss: {assign: both}\n", "loss.assign"),
-    ("model: {name: yolov9-x}\n", "model.name"),
-    ("data: {synthetic: 3}\n", "data.synthetic"),
-])
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("train: {epochs: 5, lr: 0.1}\n", "train.lr"),
+        ("trian: {epochs: 5}\n", "trian"),
+        ("train: {batch_size: 0}\n", "train.batch_size"),
+        ("train: {lr0: -0.01}\n", "train.lr0"),
+        ("train: {imgsz: 300}\n", "train.imgsz"),
+        ("train: {epochs: five}\n", "train.epochs"),
+        ("train: {epochs: 2.5}\n", "train.epochs"),
+        ("ray: {use_gpu: maybe}\n", "ray.use_gpu"),
+        ("loss: {assign: both}\n", "loss.assign"),
+        ("model: {name: yolov9-x}\n", "model.name"),
+        ("data: {synthetic: 3}\n", "data.synthetic"),
+    ],
+)
 def test_bad_values_name_the_file_and_the_key(tmp_path, text, key):
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as err:

@@ -31,27 +31,49 @@ def free_port() -> int:
 @pytest.fixture
 def ray_head(tmp_path):
     """A Ray head started as a subprocess and stopped by its own process group."""
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-           "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+    }
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = free_port(), free_port()
     log = open(tmp_path / "ray-head.log", "w")
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=3",
-         f"--temp-dir={tempfile.mkdtemp(prefix='ray', dir='/tmp')}"],  # short: socket paths have a limit
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=3",
+            f"--temp-dir={tempfile.mkdtemp(prefix='ray', dir='/tmp')}",
+        ],  # short: socket paths have a limit
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.time() + 120
         while True:
-            probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
-                                   capture_output=True, text=True)
+            probe = subprocess.run(
+                [str(BIN / "ray"), "job", "list", "--address", address],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             if probe.returncode == 0:
                 break
             if head.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"ray head did not come up: {(tmp_path / 'ray-head.log').read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"ray head did not come up: {(tmp_path / 'ray-head.log').read_text()[-2000:]}"
+                )
             time.sleep(2)
         yield address, env
     finally:
@@ -73,20 +95,50 @@ def test_ray_job_submit_trains_checkpoints_and_tracks(tmp_path, tiny_shards, ray
     address, env = ray_head
     db = tmp_path / "mlflow.db"
     overrides = [
-        "model.name=yolov9-t", f"data.root={tiny_shards}", "data.num_workers=0", "data.shuffle_buffer=8",
-        "train.epochs=1", "train.batch_size=2", "train.nominal_batch=4", "train.imgsz=64",
-        "train.steps_per_epoch=2", "ray.num_workers=2", "ray.run_name=submitted",
-        f"ray.storage_path={tmp_path / 'ray'}", f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=submit",
+        "model.name=yolov9-t",
+        f"data.root={tiny_shards}",
+        "data.num_workers=0",
+        "data.shuffle_buffer=8",
+        "train.epochs=1",
+        "train.batch_size=2",
+        "train.nominal_batch=4",
+        "train.imgsz=64",
+        "train.steps_per_epoch=2",
+        "ray.num_workers=2",
+        "ray.run_name=submitted",
+        f"ray.storage_path={tmp_path / 'ray'}",
+        f"mlflow.tracking_uri=sqlite:///{db}",
+        "mlflow.experiment=submit",
     ]
     submit = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
-         "python", "-m", "jobs.train", *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            ".",
+            "--",
+            "python",
+            "-m",
+            "jobs.train",
+            *overrides,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
-    status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, job_id], env=env,
-                            capture_output=True, text=True)
+    status = subprocess.run(
+        [str(BIN / "ray"), "job", "status", "--address", address, job_id],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert re.search(rf"{job_id}.*succeeded", status.stdout, re.IGNORECASE), status.stdout
 
     checkpoints = sorted(p for p in (tmp_path / "ray" / "submitted").glob("checkpoint_*") if p.is_dir())

@@ -19,13 +19,29 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def tiny_config(root: Path, shards: Path, name: str, *extra: str):
-    return load_config(None, [
-        "model.name=yolov9-t", f"data.root={shards}", "data.num_workers=0", "data.shuffle_buffer=8",
-        "train.epochs=2", "train.batch_size=2", "train.nominal_batch=4", "train.imgsz=64",
-        "train.warmup_min_steps=2", "train.close_mosaic=1", "train.steps_per_epoch=3",
-        "ray.num_workers=2", "ray.cpus_per_worker=1", f"ray.run_name={name}", f"ray.storage_path={root / 'ray'}",
-        f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}", "mlflow.experiment=tests", *extra,
-    ])
+    return load_config(
+        None,
+        [
+            "model.name=yolov9-t",
+            f"data.root={shards}",
+            "data.num_workers=0",
+            "data.shuffle_buffer=8",
+            "train.epochs=2",
+            "train.batch_size=2",
+            "train.nominal_batch=4",
+            "train.imgsz=64",
+            "train.warmup_min_steps=2",
+            "train.close_mosaic=1",
+            "train.steps_per_epoch=3",
+            "ray.num_workers=2",
+            "ray.cpus_per_worker=1",
+            f"ray.run_name={name}",
+            f"ray.storage_path={root / 'ray'}",
+            f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+            "mlflow.experiment=tests",
+            *extra,
+        ],
+    )
 
 
 def epochs_logged(uri: str, run_id: str) -> list[int]:
@@ -67,8 +83,10 @@ def test_a_worker_failure_mid_epoch_restarts_from_the_checkpoint(tmp_path, tiny_
 def test_rerunning_a_stopped_run_resumes_where_it_stopped(tmp_path, tiny_shards, local_ray):
     fail = {"epoch": 1, "batch": 0, "rank": 0, "marker": str(tmp_path / "stopped")}
     with pytest.raises(Exception, match="injected worker failure"):
-        run_training(tiny_config(tmp_path, tiny_shards, "resumable", "ray.max_failures=0"),
-                     loop_extras={"fail_once": fail})
+        run_training(
+            tiny_config(tmp_path, tiny_shards, "resumable", "ray.max_failures=0"),
+            loop_extras={"fail_once": fail},
+        )
 
     summary = run_training(tiny_config(tmp_path, tiny_shards, "resumable"))
     state = load_checkpoint(summary.latest_checkpoint)

@@ -1,0 +1,89 @@
+"""Detect objects with a registered model: images with boxes drawn plus a JSON of detections.
+
+    python -m jobs.predict --model models:/yolov9-det@champion --source IMAGE_OR_DIR --out DIR
+
+Writes ``DIR/<image name>`` (boxes drawn) for every image and ``DIR/detections.json``:
+``{"<image name>": {"boxes": [[x1, y1, x2, y2], ...], "scores": [...], "classes": [...],
+"class_names": [...]}}`` with boxes in the pixels of the source image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+from pipeline.plots import draw_boxes
+from pipeline.tracking import resolve_tracking_uri
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+BATCH = 8
+
+
+def list_images(source: str | Path) -> list[Path]:
+    """The image files of ``source`` (one file, or a directory's images sorted by name)."""
+    source = Path(source)
+    if source.is_file():
+        return [source]
+    if not source.is_dir():
+        raise FileNotFoundError(f"--source {source} is neither an image file nor a directory")
+    images = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise FileNotFoundError(f"{source} holds no {'/'.join(IMAGE_SUFFIXES)} images")
+    return images
+
+
+def predict_files(
+    model: mlflow.pyfunc.PyFuncModel, images: list[Path], out: Path, conf: float, iou: float, max_det: int
+) -> dict[str, dict]:
+    """Run ``model`` on the image files in batches; write drawn copies into ``out``; return the detections
+    by file name."""
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    for start in range(0, len(images), BATCH):
+        chunk = images[start : start + BATCH]
+        frame = pd.DataFrame({"image": [p.read_bytes() for p in chunk]})
+        predictions = model.predict(frame, params={"conf": conf, "iou": iou, "max_det": max_det})
+        for path, row in zip(chunk, predictions.to_dict("records"), strict=True):
+            det = {k: list(row[k]) for k in ("boxes", "scores", "classes", "class_names")}
+            results[path.name] = det
+            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            boxes = np.asarray(det["boxes"], dtype=np.float32).reshape(-1, 4)
+            labels = [f"{n} {s:.2f}" for n, s in zip(det["class_names"], det["scores"], strict=True)]
+            drawn = draw_boxes(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), boxes, labels, (220, 0, 0))
+            cv2.imwrite(str(out / path.name), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="model URI, e.g. models:/yolov9-det@champion")
+    parser.add_argument("--source", required=True, help="an image file or a directory of images")
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument(
+        "--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
+    )
+    parser.add_argument("--conf", type=float, default=0.25)
+    parser.add_argument("--iou", type=float, default=0.45)
+    parser.add_argument("--max-det", type=int, default=300)
+    args = parser.parse_args(argv)
+    images = list_images(args.source)
+    mlflow.set_tracking_uri(resolve_tracking_uri(args.tracking_uri))
+    model = mlflow.pyfunc.load_model(args.model)
+    results = predict_files(model, images, args.out, args.conf, args.iou, args.max_det)
+    (args.out / "detections.json").write_text(json.dumps(results, indent=1))
+    total = sum(len(r["boxes"]) for r in results.values())
+    print(f"{total} detections in {len(results)} images -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

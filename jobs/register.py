@@ -1,0 +1,64 @@
+"""Register the best checkpoint of a training run in the MLflow model registry.
+
+    python -m jobs.register --run RUN_ID --name yolov9-det
+    python -m jobs.register --run runs/ray/demo/checkpoint_... --name yolov9-det --data data/synthetic
+    python -m jobs.register --run yolov9-tune --name yolov9-det --promote
+    ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.register --run RUN_ID
+
+``--run`` is an MLflow run id (its ``best_checkpoint`` tag), a checkpoint directory or file, or an
+experiment name (its latest run with a ``best_checkpoint`` tag). Exits 2 with the reason when the
+checkpoint fails verification; nothing is registered then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from pipeline.registry import MAP_TOLERANCE, RegistrationError, register
+from pipeline.tracking import TrackingError, resolve_tracking_uri
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run", required=True, help="MLflow run id, checkpoint path, or experiment name")
+    parser.add_argument("--name", default="yolov9-det", help="registered model name")
+    parser.add_argument(
+        "--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
+    )
+    parser.add_argument(
+        "--data", default=None, help="val shard root (default: the training config's data.root)"
+    )
+    parser.add_argument("--experiment", default=None, help="experiment of the registration run")
+    parser.add_argument(
+        "--map-tolerance",
+        type=float,
+        default=MAP_TOLERANCE,
+        help="allowed difference between re-measured and recorded val mAP@0.5:0.95",
+    )
+    parser.add_argument("--promote", action="store_true", help="move the champion alias whatever the mAP")
+    args = parser.parse_args(argv)
+    try:
+        result = register(
+            args.run,
+            args.name,
+            resolve_tracking_uri(args.tracking_uri),
+            promote=args.promote,
+            data_root=args.data,
+            experiment=args.experiment,
+            map_tolerance=args.map_tolerance,
+        )
+    except (RegistrationError, TrackingError) as e:
+        print(f"registration refused: {e}", file=sys.stderr)
+        return 2
+    print(f"registered {result.model_uri} (run {result.logging_run_id})")
+    print(json.dumps({"verification": asdict(result.verification), "tags": result.tags}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

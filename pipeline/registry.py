@@ -1,0 +1,514 @@
+"""Best checkpoint -> verified, pruned, exported model version in the MLflow model registry.
+
+``register`` resolves the source to a checkpoint, prunes its EMA model, verifies the pruned network
+(same outputs as the dual model's main branch; same val mAP as recorded in training), exports it to
+TorchScript and ONNX (the ONNX graph checked with onnxruntime), logs it as a pyfunc model with pre-
+and post-processing, registers a version with the training facts as tags, and moves the ``champion``
+alias when the new version beats the current one on the same val manifest. Any failed check raises
+RegistrationError before anything is logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline import serving
+from pipeline.checkpoint import CheckpointError, ema_model, load_checkpoint
+from pipeline.data import DataError, read_manifest
+from pipeline.data.loader import make_val_loader
+from pipeline.data.manifest import coco_json_path, manifest_path
+from pipeline.export import ExportError, check_onnx, check_torchscript, export_onnx, export_torchscript
+from pipeline.serving import (
+    DEFAULT_PARAMS,
+    IMAGE_COLUMN,
+    SPEC_ARTIFACT,
+    WEIGHTS_ARTIFACT,
+    ModelSpec,
+    encode_jpeg,
+)
+from pipeline.tracking import check_tracking_uri
+from pipeline.validate import evaluate_distributed
+from yolov9 import DetectionModel, prune
+from yolov9.profile import count_parameters, gflops
+
+CHAMPION = "champion"
+MAP_KEY = "val/map50_95"
+BEST_CHECKPOINT_TAG = "best_checkpoint"
+DEFAULT_EXPERIMENT = "yolov9-registry"
+# Pruning only re-associates float32 sums (BN folding, RepConvN merge); 1e-4 of the output scale is generous
+# for that and far below any change a real bug makes.
+OUTPUT_RTOL = 1e-4
+MAP_TOLERANCE = 1e-3
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class RegistrationError(RuntimeError):
+    """The source cannot be registered: no checkpoint, or a failed verification. Nothing was registered."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a checkpoint came from: its directory and, when known, the MLflow run that produced it."""
+
+    checkpoint: Path
+    run_id: str | None = None
+    experiment_id: str | None = None
+    ray_job_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Figures of the pre-registration checks: output differences and the re-measured val mAP."""
+
+    output_max_rel_diff: float
+    map50_95: float
+    map50: float
+    recorded_map50_95: float
+    onnx_max_abs_diff: float = 0.0
+    torchscript_max_abs_diff: float = 0.0
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """Whether the alias moves to the new version, and why (printed and stored as a version tag)."""
+
+    promote: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class RegistrationResult:
+    """The registered version and the figures it was registered with."""
+
+    name: str
+    version: str
+    model_uri: str
+    logging_run_id: str
+    source: Source
+    verification: Verification
+    promotion: Promotion
+    tags: dict[str, str]
+
+
+def resolve_source(source: str | Path, client: MlflowClient) -> Source:
+    """A checkpoint path, an MLflow run id (its ``best_checkpoint`` tag) or an experiment name (its
+    most recent run carrying a ``best_checkpoint`` tag, parent runs first: a tune experiment's parent
+    run points at the best trial's checkpoint) -> Source. RegistrationError when it is none of these."""
+    text = str(source)
+    if Path(text).exists():
+        return Source(checkpoint=Path(text))
+    if _RUN_ID.match(text):
+        try:
+            run = client.get_run(text)
+        except MlflowException as e:
+            raise RegistrationError(
+                f"{text} is no checkpoint path and no run of the tracking store: {e}"
+            ) from e
+        return _source_of_run(run)
+    experiment = client.get_experiment_by_name(text)
+    if experiment is None:
+        raise RegistrationError(
+            f"{text!r} is neither a checkpoint path, an MLflow run id, nor an experiment name"
+        )
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.{BEST_CHECKPOINT_TAG} LIKE '%'",
+        order_by=["attributes.start_time DESC"],
+    )
+    if not runs:
+        raise RegistrationError(
+            f"experiment {text!r} has no run with a '{BEST_CHECKPOINT_TAG}' tag (unfinished?)"
+        )
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return _source_of_run((parents or runs)[0])
+
+
+def _source_of_run(run: Any) -> Source:
+    path = run.data.tags.get(BEST_CHECKPOINT_TAG)
+    if not path:
+        raise RegistrationError(
+            f"run {run.info.run_id} has no '{BEST_CHECKPOINT_TAG}' tag: did its training finish?"
+        )
+    return Source(
+        checkpoint=Path(path),
+        run_id=run.info.run_id,
+        experiment_id=run.info.experiment_id,
+        ray_job_id=run.data.tags.get("ray.job_id"),
+    )
+
+
+def recorded_map(state: dict[str, Any]) -> tuple[float, float]:
+    """(mAP@0.5:0.95, mAP@0.5) recorded for the checkpoint's own epoch."""
+    epoch = int(state["epoch"])
+    entries = [h for h in state.get("history", []) if int(h.get("epoch", -1)) == epoch]
+    metrics = entries[-1] if entries else state.get("metrics") or {}
+    if MAP_KEY not in metrics:
+        raise RegistrationError(
+            f"the checkpoint (epoch {epoch}) records no {MAP_KEY}: it was never validated"
+        )
+    return float(metrics[MAP_KEY]), float(metrics.get("val/map50", float("nan")))
+
+
+def max_relative_difference(expected: torch.Tensor, got: torch.Tensor) -> float:
+    """Largest |got - expected| relative to the scale of its kind of output.
+
+    Both are eval outputs ``(B, 4 + nc, A)``: rows 0..3 are pixels (scale: the largest |box value|), the
+    rest probabilities (scale 1), so a tiny probability is not held to a relative error of its own size.
+    """
+    if expected.shape != got.shape:
+        raise RegistrationError(
+            f"pruned output shape {tuple(got.shape)} differs from the dual model's {tuple(expected.shape)}"
+        )
+    box_scale = expected[:, :4].abs().max().clamp(min=1.0)
+    box_diff = ((got[:, :4] - expected[:, :4]).abs().max() / box_scale).item()
+    cls_diff = (got[:, 4:] - expected[:, 4:]).abs().max().item()
+    return max(box_diff, cls_diff)
+
+
+def verify_outputs(
+    dual: DetectionModel, pruned: DetectionModel, images: torch.Tensor, rtol: float = OUTPUT_RTOL
+) -> float:
+    """Raise RegistrationError unless ``pruned`` reproduces ``dual``'s main branch on ``images``
+    (float (B, 3, S, S) in [0, 1]) within ``rtol``; returns the largest relative difference."""
+    with torch.no_grad():
+        diff = max_relative_difference(dual.eval()(images), pruned.eval()(images))
+    if not diff <= rtol:  # also catches NaN
+        raise RegistrationError(
+            f"the pruned model's outputs differ from the dual model's main branch by "
+            f"{diff:.3g} (relative), more than {rtol:g}"
+        )
+    return diff
+
+
+def verify_map(measured: float, recorded: float, tolerance: float = MAP_TOLERANCE) -> None:
+    """Raise RegistrationError naming both numbers unless they agree within ``tolerance``."""
+    if not abs(measured - recorded) <= tolerance:
+        raise RegistrationError(
+            f"the pruned model's val mAP@0.5:0.95 is {measured:.4f} but the checkpoint "
+            f"recorded {recorded:.4f} (tolerance {tolerance}): not the model that was trained?"
+        )
+
+
+def decide_promotion(
+    current_map: float | None,
+    current_val_hash: str | None,
+    new_map: float,
+    new_val_hash: str,
+    force: bool = False,
+) -> Promotion:
+    """Whether the new version takes the alias from the current champion (``current_map`` None: none yet).
+
+    Scores are comparable only on the same val manifest: a different one never promotes unless forced.
+    """
+    if force:
+        return Promotion(True, "promotion forced (--promote)")
+    if current_map is None:
+        return Promotion(True, "no champion yet")
+    if current_val_hash != new_val_hash:
+        return Promotion(
+            False,
+            f"not promoted: the champion was measured on val manifest {current_val_hash}, "
+            f"this version on {new_val_hash}; mAPs are not comparable (use --promote)",
+        )
+    if new_map > current_map:
+        return Promotion(True, f"mAP@0.5:0.95 {new_map:.4f} beats the champion's {current_map:.4f}")
+    return Promotion(
+        False, f"not promoted: mAP@0.5:0.95 {new_map:.4f} does not beat the champion's {current_map:.4f}"
+    )
+
+
+def _val_setup(state: dict[str, Any], data_root: str | Path | None) -> tuple[Any, Path, int]:
+    cfg = state["config"]
+    root = Path(data_root or cfg["data"]["root"])
+    try:
+        manifest = read_manifest(manifest_path(root, "val"))
+    except (DataError, OSError) as e:
+        raise RegistrationError(f"cannot read the val shards of {root} for verification: {e}") from e
+    expected = state.get("val_manifest_hash")
+    if expected and manifest.manifest_hash != expected:
+        raise RegistrationError(
+            f"{manifest.path} (hash {manifest.manifest_hash}) is not the val split the "
+            f"checkpoint was validated on (hash {expected})"
+        )
+    if list(manifest.class_names) != list(state.get("class_names", manifest.class_names)):
+        raise RegistrationError(
+            f"{manifest.path} lists classes {manifest.class_names}, the checkpoint {state['class_names']}"
+        )
+    return manifest, root, int(cfg["train"]["imgsz"])
+
+
+def verify_checkpoint(
+    state: dict[str, Any],
+    dual: DetectionModel,
+    pruned: DetectionModel,
+    data_root: str | Path | None,
+    num_workers: int = 0,
+    map_tolerance: float = MAP_TOLERANCE,
+) -> Verification:
+    """Both pre-registration checks on the checkpoint's val split (``data_root`` defaults to the training
+    config's). Raises RegistrationError on a mismatch."""
+    manifest, root, imgsz = _val_setup(state, data_root)
+    train_cfg = state["config"]["train"]
+    first_images, _ = next(
+        iter(make_val_loader(manifest, batch_size=8, imgsz=imgsz, rank=0, world_size=1, num_workers=0))
+    )
+    rel = verify_outputs(dual, pruned, first_images.float() / 255)
+    recorded, _ = recorded_map(state)
+    loader = make_val_loader(
+        manifest, batch_size=16, imgsz=imgsz, rank=0, world_size=1, num_workers=num_workers
+    )
+    scores = evaluate_distributed(
+        pruned,
+        loader,
+        coco_json_path(root, "val"),
+        list(range(1, manifest.num_classes + 1)),
+        torch.device("cpu"),
+        conf_thres=float(train_cfg.get("val_conf", 0.001)),
+        iou_thres=float(train_cfg.get("val_iou", 0.7)),
+        max_det=int(train_cfg.get("val_max_det", 300)),
+    )
+    verify_map(scores["map50_95"], recorded, map_tolerance)
+    return Verification(
+        output_max_rel_diff=rel,
+        map50_95=float(scores["map50_95"]),
+        map50=float(scores["map50"]),
+        recorded_map50_95=recorded,
+    )
+
+
+def version_tags(
+    state: dict[str, Any], pruned: DetectionModel, verification: Verification, source: Source, imgsz: int
+) -> dict[str, str]:
+    """The facts a registered version carries (all strings, as MLflow stores tags)."""
+    loss = state["config"].get("loss", {})
+    return {
+        "map50_95": f"{verification.map50_95:.6f}",
+        "map50": f"{verification.map50:.6f}",
+        "params": str(count_parameters(pruned)),
+        "gflops": f"{gflops(pruned, imgsz, imgsz):.4f}",
+        "imgsz": str(imgsz),
+        "model_name": str(state["model_name"]),
+        "class_names": json.dumps(list(state.get("class_names", []))),
+        "dataset.manifest_hash": str(state.get("manifest_hash", "")),
+        "dataset.val_manifest_hash": str(state.get("val_manifest_hash", "")),
+        "loss.aux_weight": str(loss.get("aux_weight", "")),
+        "loss.lead_weight": str(loss.get("lead_weight", "")),
+        "loss.tal_topk": str(loss.get("tal_topk", "")),
+        "source_run_id": source.run_id or "",
+        "ray.job_id": source.ray_job_id or "",
+        "checkpoint": str(source.checkpoint),
+        "epoch": str(state["epoch"]),
+    }
+
+
+def _champion(client: MlflowClient, name: str) -> tuple[float | None, str | None]:
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None, None  # no registered model yet, or no version holds the alias
+    return float(current.tags.get("map50_95", "-1")), current.tags.get("dataset.val_manifest_hash")
+
+
+def _example_image(state: dict[str, Any], data_root: str | Path | None) -> str:
+    """One val image, JPEG then base64 (the JSON form a serving client sends), for the input example."""
+    manifest, _, imgsz = _val_setup(state, data_root)
+    images, metas = next(
+        iter(make_val_loader(manifest, batch_size=1, imgsz=imgsz, rank=0, world_size=1, num_workers=0))
+    )
+    return base64.b64encode(encode_jpeg(images[0].permute(1, 2, 0).numpy(), quality=80)).decode()
+
+
+def register(
+    source: str | Path,
+    name: str,
+    tracking_uri: str,
+    promote: bool = False,
+    data_root: str | Path | None = None,
+    experiment: str | None = None,
+    num_workers: int = 0,
+    map_tolerance: float = MAP_TOLERANCE,
+) -> RegistrationResult:
+    """Verify, export, log and register the checkpoint that ``source`` names (see :func:`resolve_source`).
+
+    ``data_root``: val shards for verification (default: the training config's ``data.root``);
+    ``experiment``: where the registration run is logged (default: the source run's experiment, else
+    ``yolov9-registry``); ``promote``: move the ``champion`` alias regardless of mAP; ``num_workers``:
+    val loader processes; ``map_tolerance``: allowed |re-measured - recorded| mAP@0.5:0.95.
+    Raises RegistrationError before anything is logged when a check fails.
+    """
+    check_tracking_uri(tracking_uri)
+    src = resolve_source(source, MlflowClient(tracking_uri))
+    return register_source(
+        src, name, tracking_uri, promote, data_root, experiment, num_workers, map_tolerance
+    )
+
+
+def register_source(
+    src: Source,
+    name: str,
+    tracking_uri: str,
+    promote: bool = False,
+    data_root: str | Path | None = None,
+    experiment: str | None = None,
+    num_workers: int = 0,
+    map_tolerance: float = MAP_TOLERANCE,
+) -> RegistrationResult:
+    """:func:`register` for an already resolved source."""
+    check_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    try:
+        state = load_checkpoint(src.checkpoint)
+        dual = ema_model(state)
+    except CheckpointError as e:
+        raise RegistrationError(f"cannot register {src.checkpoint}: {e}") from e
+    pruned = prune(dual)
+    verification = verify_checkpoint(state, dual, pruned, data_root, num_workers, map_tolerance)
+    imgsz = int(state["config"]["train"]["imgsz"])
+    spec = ModelSpec(
+        model_name=str(state["model_name"]),
+        num_classes=int(state["num_classes"]),
+        class_names=[str(c) for c in state["class_names"]],
+        imgsz=imgsz,
+    )
+    tags = version_tags(state, pruned, verification, src, imgsz)
+    example = _example_image(state, data_root)
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        probe = torch.rand(2, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(0))
+        try:
+            onnx_file = export_onnx(pruned, d / "model.onnx", imgsz)
+            onnx_diff = check_onnx(pruned, onnx_file, probe)
+            ts_file = export_torchscript(pruned, d / "model.torchscript.pt", imgsz)
+            ts_diff = check_torchscript(pruned, ts_file, probe)
+        except ExportError as e:
+            raise RegistrationError(f"export check failed, nothing registered: {e}") from e
+        verification = replace(verification, onnx_max_abs_diff=onnx_diff, torchscript_max_abs_diff=ts_diff)
+        weights = d / "pruned_state_dict.pt"
+        torch.save(pruned.state_dict(), weights)
+        spec_file = d / "model_spec.json"
+        spec_file.write_text(spec.to_json())
+        return _log_and_register(
+            client,
+            tracking_uri,
+            name,
+            src,
+            experiment,
+            tags,
+            verification,
+            promote,
+            artifacts={WEIGHTS_ARTIFACT: str(weights), SPEC_ARTIFACT: str(spec_file)},
+            exports=[onnx_file, ts_file],
+            example=example,
+        )
+
+
+def _log_and_register(
+    client: MlflowClient,
+    tracking_uri: str,
+    name: str,
+    src: Source,
+    experiment: str | None,
+    tags: dict[str, str],
+    verification: Verification,
+    force: bool,
+    artifacts: dict[str, str],
+    exports: list[Path],
+    example: str,
+) -> RegistrationResult:
+    """A registration run holding the pyfunc model and the export files; a new version; the alias decision."""
+    previous_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        if experiment is not None or src.experiment_id is None:
+            exp = client.get_experiment_by_name(experiment or DEFAULT_EXPERIMENT)
+            exp_id = exp.experiment_id if exp else client.create_experiment(experiment or DEFAULT_EXPERIMENT)
+        else:
+            exp_id = src.experiment_id
+        run_tags = {k: v for k, v in tags.items() if v}
+        # nested: the caller (end of a training job) may hold an active fluent run of its own
+        with mlflow.start_run(
+            experiment_id=exp_id,
+            run_name=f"register-{name}",
+            tags=run_tags,
+            nested=mlflow.active_run() is not None,
+        ) as run:
+            mlflow.log_metrics({f"verify/{k}": float(v) for k, v in asdict(verification).items()})
+            for f in exports:
+                mlflow.log_artifact(str(f), artifact_path="export")
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=serving.__file__,
+                artifacts=artifacts,
+                code_paths=[str(PACKAGE_ROOT / "yolov9"), str(PACKAGE_ROOT / "pipeline")],
+                signature=serving.signature(),
+                input_example=(pd.DataFrame({IMAGE_COLUMN: [example]}), dict(DEFAULT_PARAMS)),
+                pip_requirements=_requirements(),
+            )
+            current_map, current_hash = _champion(client, name)
+            try:
+                client.create_registered_model(name)
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            decision = decide_promotion(
+                current_map, current_hash, verification.map50_95, tags["dataset.val_manifest_hash"], force
+            )
+            version = client.create_model_version(
+                name, info.model_uri, run_id=run.info.run_id, tags={**tags, "promotion": decision.reason}
+            )
+            if decision.promote:
+                client.set_registered_model_alias(name, CHAMPION, version.version)
+            print(f"{name} version {version.version}: {decision.reason}", flush=True)
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+    return RegistrationResult(
+        name=name,
+        version=str(version.version),
+        model_uri=f"models:/{name}/{version.version}",
+        logging_run_id=run.info.run_id,
+        source=src,
+        verification=verification,
+        promotion=decision,
+        tags=tags,
+    )
+
+
+def _requirements() -> list[str]:
+    """The serving environment, pinned to what registered the model (inferring it loads the model again)."""
+    from importlib.metadata import version
+
+    packages = ("mlflow", "torch", "numpy", "pandas", "opencv-python-headless", "pyyaml")
+    return [f"{p}=={version(p).split('+')[0]}" for p in packages]
+
+
+def register_after_training(
+    checkpoint_dir: str | Path, run_id: str, tracking_uri: str, model_name: str, promote: bool = False
+) -> RegistrationResult:
+    """The end-of-training hook (``mlflow.register: true``): register ``checkpoint_dir``, which training run
+    ``run_id`` produced, logging the registration run into that run's experiment."""
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    return register_source(
+        Source(
+            checkpoint=Path(checkpoint_dir),
+            run_id=run_id,
+            experiment_id=run.info.experiment_id,
+            ray_job_id=run.data.tags.get("ray.job_id"),
+        ),
+        model_name,
+        tracking_uri,
+        promote,
+    )

@@ -1,0 +1,362 @@
+"""Hyperparameter search with Ray Tune over any config key (by default the PGI loss weights and the
+TAL top-k). Each trial is a full Ray Train run of the training loop, reporting every epoch so ASHA
+can stop weak trials; MLflow holds a parent run for the search and one nested run per trial.
+
+A search space in the config maps dotted keys to one domain each::
+
+    tune:
+      space:
+        loss.aux_weight: {uniform: [0.1, 1.0]}
+        loss.tal_topk: {choice: [5, 7, 10, 13, 16]}
+        train.lr0: {loguniform: [0.001, 0.02]}
+        loss.assign: {grid: [independent, lead_guided]}
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import yaml
+from mlflow.entities import Param
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from pipeline.config import Config, ConfigError, apply_overrides, config_from_dict
+from pipeline.tracking import check_tracking_uri, flatten, resolve_tracking_uri
+from pipeline.train import fit
+from pipeline.train_job import ensure_ray, prepare_data
+
+DEFAULT_SPACE: dict[str, dict[str, list]] = {
+    "loss.aux_weight": {"uniform": [0.1, 1.0]},
+    "loss.lead_weight": {"uniform": [0.25, 1.0]},
+    "loss.tal_topk": {"choice": [5, 7, 10, 13, 16]},
+}
+DOMAINS = {
+    "uniform": tune.uniform,
+    "loguniform": tune.loguniform,
+    "randint": tune.randint,
+    "choice": tune.choice,
+    "grid": tune.grid_search,
+}
+PARENT_TAG = "tune.name"
+STATUS_TAG = "trial.status"
+
+
+class SearchError(ValueError):
+    """A search that cannot start: bad space, unknown key, no room on the cluster."""
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    """One line of the results table."""
+
+    trial: str
+    params: dict[str, Any]
+    best_map: float
+    epochs: int
+    status: str  # completed | stopped early | errored
+    checkpoint: str | None
+    mlflow_run_id: str | None
+
+
+def build_space(space: dict[str, Any], base: dict[str, Any], where: str = "tune.space") -> dict[str, Any]:
+    """Ray Tune domains for ``space``; every key must name a config key (checked against ``base``)."""
+    domains: dict[str, Any] = {}
+    for key, spec in (space or DEFAULT_SPACE).items():
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DOMAINS:
+            raise SearchError(f"{where}.{key}: expected one of {{{', '.join(DOMAINS)}: [...]}}, got {spec!r}")
+        ((kind, args),) = spec.items()
+        if not isinstance(args, list) or not args:
+            raise SearchError(f"{where}.{key}: {kind} takes a non-empty list, got {args!r}")
+        example = args[0]
+        try:
+            config_from_dict(apply_overrides(base, [f"{key}={yaml.safe_dump(example).strip()}"]), where)
+        except ConfigError as e:
+            raise SearchError(f"{where}.{key} is not a usable config key: {e}") from e
+        domains[key] = DOMAINS[kind](args) if kind in ("choice", "grid") else DOMAINS[kind](*args)
+    return domains
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any], run_name: str) -> Config:
+    """The training config of one trial: the base with the sampled ``params`` set."""
+    overrides = [f"{k}={yaml.safe_dump(v).strip()}" for k, v in params.items()] + [f"ray.run_name={run_name}"]
+    return config_from_dict(apply_overrides(base, overrides), "trial")
+
+
+def _trial(config: dict[str, Any]) -> None:
+    """Tune function: one Ray Train run, metrics forwarded to Tune each epoch, tracked in a nested run."""
+    context = tune.get_context()
+    params = config["params"]
+    run_name = f"{config['search']}-{context.get_trial_id()}"
+    client = MlflowClient(config["tracking_uri"])
+    run = client.create_run(
+        config["experiment_id"],
+        run_name=run_name,
+        tags={
+            "mlflow.parentRunId": config["parent_run_id"],
+            "tune.trial_id": context.get_trial_id(),
+            STATUS_TAG: "running",
+        },
+    )
+    run_id = run.info.run_id
+    client.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
+    try:
+        cfg = trial_config(config["base"], params, run_name)
+        fit(cfg, tracking=(config["tracking_uri"], run_id), callbacks=[TuneReportCallback()])
+    except BaseException:
+        client.set_tag(run_id, STATUS_TAG, "errored")
+        client.set_terminated(run_id, status="FAILED")
+        raise
+
+
+def _param(key: str, value: Any) -> Param:
+    return Param(key, str(value))
+
+
+def _scheduler(cfg: Config):
+    if cfg.tune.scheduler == "asha":
+        return tune.schedulers.ASHAScheduler(
+            max_t=cfg.train.epochs,
+            grace_period=cfg.tune.grace_period,
+            reduction_factor=cfg.tune.reduction_factor,
+            time_attr="epoch",
+        )
+    if cfg.tune.scheduler == "fifo":
+        return tune.schedulers.FIFOScheduler()
+    raise SearchError(f"tune.scheduler must be asha or fifo, got {cfg.tune.scheduler!r}")
+
+
+def _search_alg(cfg: Config, space: dict[str, Any]):
+    if cfg.tune.search_alg in ("random", "grid"):
+        return None  # Tune's default variant generator: random samples, grid_search expanded
+    if cfg.tune.search_alg == "optuna":
+        if any(isinstance(v, dict) and "grid_search" in v for v in space.values()):
+            raise SearchError("tune.search_alg optuna cannot take grid domains; use choice")
+        from ray.tune.search.optuna import OptunaSearch  # optional dependency: pip install optuna
+
+        return OptunaSearch()
+    raise SearchError(f"tune.search_alg must be random, grid or optuna, got {cfg.tune.search_alg!r}")
+
+
+def concurrent_trials(cfg: Config) -> int:
+    """Trials that fit side by side: the cluster's CPUs (and GPUs) over what one trial's workers take."""
+    available = ray.cluster_resources()
+    per_trial_cpu = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    fits = math.floor(available.get("CPU", 0) / per_trial_cpu)
+    if cfg.ray.use_gpu:
+        fits = min(
+            fits, math.floor(available.get("GPU", 0) / (cfg.ray.num_workers * cfg.ray.gpus_per_worker))
+        )
+    if fits < 1:
+        raise SearchError(
+            f"one trial needs {cfg.ray.num_workers} workers x {cfg.ray.cpus_per_worker} CPU"
+            f"{' + GPUs' if cfg.ray.use_gpu else ''}, more than the cluster has ({available})"
+        )
+    return min(fits, cfg.tune.max_concurrent_trials)
+
+
+def _parent_run(client: MlflowClient, cfg: Config, resuming: bool) -> tuple[str, str]:
+    """(experiment id, run id) of the search's parent run: the latest of this search when resuming, or new."""
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(cfg.mlflow.experiment)
+    if resuming:
+        query = f"tags.`{PARENT_TAG}` = '{cfg.tune.name}'"
+        for run in client.search_runs([exp_id], filter_string=query, order_by=["attributes.start_time DESC"]):
+            return exp_id, run.info.run_id
+    run = client.create_run(
+        exp_id,
+        run_name=cfg.tune.name,
+        tags={PARENT_TAG: cfg.tune.name, "ray.storage_path": cfg.ray.storage_path},
+    )
+    items = [_param(k, v) for k, v in flatten(cfg.to_dict()).items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    return exp_id, run.info.run_id
+
+
+def run_search(cfg: Config) -> list[TrialRow]:
+    """Run (or resume, same ``tune.name`` and ``ray.storage_path``) the search; returns the table."""
+    base = cfg.to_dict()
+    space = build_space(cfg.tune.space, base)
+    prepare_data(cfg)
+    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    check_tracking_uri(uri)
+    ensure_ray(cfg.ray.address)
+    client = MlflowClient(uri)
+    path = str(Path(cfg.ray.storage_path) / cfg.tune.name) if "://" not in cfg.ray.storage_path else None
+    resuming = path is not None and tune.Tuner.can_restore(path)
+    exp_id, parent_id = _parent_run(client, cfg, resuming)
+    # The trial function only drives its Ray Train run: it asks for a little memory and no CPU, so the
+    # CPUs (and GPUs) all go to the trials' Ray Train workers.
+    trainable = tune.with_resources(_trial, {"memory": 64 * 2**20})
+    param_space = {
+        "params": space,
+        "base": base,
+        "search": cfg.tune.name,
+        "tracking_uri": uri,
+        "experiment_id": exp_id,
+        "parent_run_id": parent_id,
+    }
+    if resuming:
+        print(f"resuming the search in {path}", flush=True)
+        tuner = tune.Tuner.restore(path, trainable, param_space=param_space, resume_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=cfg.tune.metric,
+                mode=cfg.tune.mode,
+                num_samples=cfg.tune.num_samples,
+                max_concurrent_trials=concurrent_trials(cfg),
+                scheduler=_scheduler(cfg),
+                search_alg=_search_alg(cfg, space),
+            ),
+            run_config=tune.RunConfig(name=cfg.tune.name, storage_path=cfg.ray.storage_path),
+        )
+    results = tuner.fit()
+    rows = _finalise_trials(client, exp_id, parent_id, results, cfg)
+    _log_summary(client, parent_id, rows, cfg)
+    return rows
+
+
+def _finalise_trials(
+    client: MlflowClient, exp_id: str, parent_id: str, results, cfg: Config
+) -> list[TrialRow]:
+    """Statuses from Tune's view of each trial (the trial itself cannot record that ASHA stopped it)."""
+    runs = client.search_runs(
+        [exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10000
+    )
+    rows = []
+    for result in results:
+        params = dict((result.config or {}).get("params", {}))
+        trial_id = (result.metrics or {}).get("trial_id")
+        run = next((r for r in runs if trial_id and r.data.tags.get("tune.trial_id") == trial_id), None)
+        if run is None:  # a trial that failed before its first report: match it by its parameters
+            run = next((r for r in runs if r.data.params == {k: str(v) for k, v in params.items()}), None)
+        if not params and run is not None:  # Tune does not restore the config of an errored trial
+            params = {k: yaml.safe_load(v) for k, v in run.data.params.items()}
+        history = result.metrics_dataframe
+        epochs = int((result.metrics or {}).get("epoch", 0))
+        if result.error is not None:
+            status = "errored"
+        elif epochs >= cfg.train.epochs:
+            status = "completed"
+        else:
+            status = "stopped early"
+        has_metric = history is not None and cfg.tune.metric in history
+        best = (
+            float(
+                history[cfg.tune.metric].max() if cfg.tune.mode == "max" else history[cfg.tune.metric].min()
+            )
+            if has_metric
+            else float("nan")
+        )
+        checkpoint = None
+        if has_metric and "checkpoint_path" in history:
+            ranked = history.dropna(subset=["checkpoint_path"]).sort_values(
+                cfg.tune.metric, ascending=cfg.tune.mode == "min"
+            )
+            checkpoint = str(ranked["checkpoint_path"].iloc[0]) if len(ranked) else None
+        if run is not None:
+            client.set_tag(run.info.run_id, STATUS_TAG, status)
+            client.set_terminated(run.info.run_id, status="FAILED" if status == "errored" else "FINISHED")
+            if checkpoint:
+                client.set_tag(run.info.run_id, "best_checkpoint", checkpoint)
+        name = trial_id or (run.data.tags.get("tune.trial_id") if run is not None else Path(result.path).name)
+        rows.append(
+            TrialRow(
+                name, params, best, epochs, status, checkpoint, run.info.run_id if run is not None else None
+            )
+        )
+    return rows
+
+
+def _log_summary(client: MlflowClient, parent_id: str, rows: list[TrialRow], cfg: Config) -> None:
+    keys = sorted({k for r in rows for k in r.params})
+    print(format_table(rows, keys), flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        table = Path(d) / "trials.csv"
+        with open(table, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["trial", *keys, "best_map", "epochs", "status", "checkpoint", "mlflow_run_id"])
+            for r in rows:
+                writer.writerow(
+                    [
+                        r.trial,
+                        *(r.params.get(k) for k in keys),
+                        r.best_map,
+                        r.epochs,
+                        r.status,
+                        r.checkpoint,
+                        r.mlflow_run_id,
+                    ]
+                )
+        client.log_artifact(parent_id, str(table))
+        client.log_artifact(parent_id, str(plot_trials(rows, cfg.tune.metric, Path(d) / "trials.png")))
+        ranked = [r for r in rows if r.status != "errored" and r.checkpoint]
+        if ranked:
+            best = max(ranked, key=lambda r: r.best_map if cfg.tune.mode == "max" else -r.best_map)
+            best_cfg = Path(d) / "best_config.yaml"
+            best_cfg.write_text(
+                yaml.safe_dump(
+                    trial_config(cfg.to_dict(), best.params, cfg.ray.run_name).to_dict(), sort_keys=False
+                )
+            )
+            client.log_artifact(parent_id, str(best_cfg))
+            client.set_tag(parent_id, "best_checkpoint", best.checkpoint)
+            client.set_tag(parent_id, "best_trial", best.trial)
+            client.log_metric(parent_id, "best/" + cfg.tune.metric.replace("/", "_"), best.best_map)
+    client.set_terminated(parent_id, status="FINISHED")
+
+
+def format_table(rows: list[TrialRow], keys: list[str]) -> str:
+    header = ["trial", *keys, "best", "epochs", "status"]
+    lines = [
+        [r.trial, *(_short(r.params.get(k)) for k in keys), f"{r.best_map:.4f}", str(r.epochs), r.status]
+        for r in rows
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=False)]
+    return "\n".join(
+        "  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)) for line in [header, *lines]
+    )
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def plot_trials(rows: list[TrialRow], metric: str, path: Path) -> Path:
+    """Best metric of each trial against aux_weight, lead_weight and tal_topk (where searched)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [
+        k
+        for k in ("loss.aux_weight", "loss.lead_weight", "loss.tal_topk")
+        if any(k in r.params for r in rows)
+    ] or sorted({k for r in rows for k in r.params})[:3]
+    fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(4 * max(len(keys), 1), 3.5), squeeze=False)
+    colours = {"completed": "tab:green", "stopped early": "tab:orange", "errored": "tab:red"}
+    for ax, key in zip(axes[0], keys, strict=False):
+        for r in rows:
+            if isinstance(r.params.get(key), (int, float)):
+                ax.scatter(r.params[key], r.best_map, c=colours[r.status], label=r.status)
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles, strict=True))
+        ax.legend(unique.values(), unique.keys(), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,118 @@
+"""A real small search: Ray Tune trials that are Ray Train runs, ASHA, a failing trial, MLflow runs."""
+
+import csv
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import load_config
+from pipeline.tune import SearchError, build_space, run_search
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+# train/total grows with aux_weight (it adds aux_weight x the aux loss), so with "min" ASHA has a
+# clear loser at its first rung; -1 is not a valid weight and must fail its trial only.
+AUX_WEIGHTS = [0.1, 0.4, 1.0, 2.0, -1.0]
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory, tiny_shards, local_ray):
+    root = tmp_path_factory.mktemp("search")
+    cfg = load_config(
+        None,
+        [
+            "model.name=yolov9-t",
+            f"data.root={tiny_shards}",
+            "data.num_workers=0",
+            "data.shuffle_buffer=8",
+            "train.epochs=2",
+            "train.batch_size=2",
+            "train.nominal_batch=2",
+            "train.imgsz=64",
+            "train.warmup_min_steps=1",
+            "train.steps_per_epoch=2",
+            "train.close_mosaic=0",
+            "ray.num_workers=1",
+            "ray.cpus_per_worker=1",
+            "ray.max_failures=0",
+            f"ray.storage_path={root / 'ray'}",
+            f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+            "mlflow.experiment=search",
+            "tune.name=small",
+            "tune.metric=train/total",
+            "tune.mode=min",
+            "tune.num_samples=1",
+            "tune.max_concurrent_trials=2",
+            "tune.scheduler=asha",
+            "tune.grace_period=1",
+            "tune.reduction_factor=2",
+            f"tune.space={{loss.aux_weight: {{grid: {AUX_WEIGHTS}}}, loss.tal_topk: {{choice: [7, 13]}}}}",
+        ],
+    )
+    return cfg, run_search(cfg)
+
+
+def test_every_trial_ends_with_a_status(search):
+    _, rows = search
+    assert len(rows) == len(AUX_WEIGHTS)
+    by_weight = {r.params["loss.aux_weight"]: r for r in rows}
+    assert by_weight[-1.0].status == "errored"
+    assert all(by_weight[w].status in ("completed", "stopped early") for w in AUX_WEIGHTS if w > 0)
+    assert by_weight[0.1].status == "completed"
+
+
+def test_asha_stops_a_trial_early(search):
+    _, rows = search
+    stopped = [r for r in rows if r.status == "stopped early"]
+    assert stopped and all(r.epochs < 2 for r in stopped)
+
+
+def test_trials_trained_with_their_sampled_values(search):
+    cfg, rows = search
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    for row in rows:
+        if row.status == "errored":
+            continue
+        run = client.get_run(row.mlflow_run_id)
+        assert run.data.metrics["hp/aux_weight"] == pytest.approx(row.params["loss.aux_weight"])
+        assert run.data.metrics["hp/tal_topk"] == row.params["loss.tal_topk"]
+
+
+def test_mlflow_holds_the_parent_and_one_nested_run_per_trial(search):
+    cfg, rows = search
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    exp = client.get_experiment_by_name("search")
+    (parent,) = client.search_runs([exp.experiment_id], filter_string="tags.`tune.name` = 'small'")
+    nested = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert len(nested) == len(rows)
+    assert {r.data.tags["trial.status"] for r in nested} >= {"completed", "stopped early", "errored"}
+    assert all("loss.aux_weight" in r.data.params for r in nested)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "trials.png", "best_config.yaml"} <= artifacts
+    best = min((r for r in rows if r.status != "errored"), key=lambda r: r.best_map)
+    assert parent.data.tags["best_checkpoint"] == best.checkpoint
+    table = client.download_artifacts(parent.info.run_id, "trials.csv")
+    with open(table) as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def test_rerunning_the_search_resumes_without_training_again(search):
+    cfg, rows = search
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    exp = client.get_experiment_by_name("search")
+    before = len(client.search_runs([exp.experiment_id]))
+    again = run_search(cfg)
+    assert len(client.search_runs([exp.experiment_id])) == before
+    assert sorted((r.params["loss.aux_weight"], r.status) for r in again) == sorted(
+        (r.params["loss.aux_weight"], r.status) for r in rows
+    )
+
+
+def test_an_unknown_search_key_fails_before_any_trial():
+    cfg = load_config(None)
+    with pytest.raises(SearchError, match="loss.aux_wieght"):
+        build_space({"loss.aux_wieght": {"uniform": [0.1, 1.0]}}, cfg.to_dict())
+    with pytest.raises(SearchError, match="expected one of"):
+        build_space({"loss.aux_weight": {"between": [0.1, 1.0]}}, cfg.to_dict())
