@@ -23,9 +23,8 @@ import cv2
 import numpy as np
 
 from pipeline.data import read_manifest
-from pipeline.data.augment import AugmentConfig
+from pipeline.data.augment import AugmentConfig, hflip
 from pipeline.data.loader import make_train_loader
-from pipeline.data.augment import hflip
 
 
 def synthetic_jpeg(rng: np.random.Generator, h: int, w: int) -> tuple[bytes, list[list[float]]]:

@@ -32,9 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"best checkpoint:   {summary.best_checkpoint}")
     print(f"latest checkpoint: {summary.latest_checkpoint}")
-    print(
-        f"MLflow run:        {summary.mlflow_run_id} in {summary.mlflow_uri} (mlflow ui --backend-store-uri ...)"
-    )
+    print(f"MLflow run:        {summary.mlflow_run_id} in {summary.mlflow_uri}")
+    print(f"browse it with:    mlflow ui --backend-store-uri {summary.mlflow_uri}")
 
 
 if __name__ == "__main__":

@@ -85,7 +85,8 @@ def prediction_grid(state: dict[str, Any], cfg: Config, val_manifest: Manifest, 
 
 
 def ensure_ray(address: str | None) -> None:
-    """Attach to ``address`` or ``RAY_ADDRESS`` (a running cluster), or start a local instance on 127.0.0.1."""
+    """Attach to ``address`` or ``RAY_ADDRESS`` (a running cluster), else start a local instance on
+    127.0.0.1. Its dashboard serves the state API that Ray Train needs to free stopped runs' resources."""
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):
