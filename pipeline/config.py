@@ -110,6 +110,7 @@ class RayConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"  # PACK fills nodes in turn; SPREAD puts workers on different nodes
     run_name: str = "yolov9"
     storage_path: str = "runs/ray"
     max_failures: int = 2
@@ -245,6 +246,11 @@ def _check_values(cfg: Config, where: str) -> None:
         (r.num_workers >= 1, "ray.num_workers", "must be >= 1"),
         (r.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0"),
         (r.max_failures >= -1, "ray.max_failures", "must be >= -1 (-1: retry forever)"),
+        (
+            r.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+            "ray.placement_strategy",
+            "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD",
+        ),
         (cfg.tune.mode in ("max", "min"), "tune.mode", "must be max or min"),
     ]
     for ok, key, rule in rules:

@@ -308,7 +308,10 @@ def fit(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), **(loop_extras or {})},
         scaling_config=ScalingConfig(
-            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources
+            num_workers=cfg.ray.num_workers,
+            use_gpu=cfg.ray.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=cfg.ray.placement_strategy,
         ),
         run_config=RunConfig(
             name=cfg.ray.run_name,

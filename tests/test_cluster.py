@@ -1,0 +1,216 @@
+"""A two-node Ray cluster on this machine and a team MLflow server, both started by the test.
+
+Head and a second node join over 127.0.0.1 with token auth, each with its own CPUs; an `mlflow
+server` with a sqlite backend serves artifacts over HTTP. A 2-worker training spread over both
+nodes reports to that server; then the second node's raylet is killed mid-run and the run must
+resume from its last checkpoint on the head, with every epoch reported exactly once.
+"""
+
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.checkpoint import load_checkpoint
+from tests.conftest import free_port
+from tests.test_job_submit import stop_group
+
+pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow]
+
+BIN = Path(sys.executable).parent
+EPOCHS = 4
+
+
+def start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        args, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def wait_for(condition, what: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout} s")
+        time.sleep(1)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    server = start(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--serve-artifacts",
+            "--workers",
+            "1",
+        ],
+        {**os.environ},
+        tmp_path / "mlflow-server.log",
+    )
+    uri = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, "mlflow server start")
+        yield uri
+    finally:
+        stop_group(server)
+
+
+@pytest.fixture
+def two_nodes(tmp_path):
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+    }
+    env.pop("RAY_ADDRESS", None)
+    port = free_port()
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Unix socket paths are limited
+    head = start(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={free_port()}",
+            "--num-cpus=2",
+            f"--temp-dir={temp}",
+        ],
+        env,
+        tmp_path / "head.log",
+    )
+    address = f"127.0.0.1:{port}"
+    nodes = [head]
+    try:
+        wait_for(lambda: alive_nodes(address, env) == 1, "head start")
+        second = start(
+            [
+                str(BIN / "ray"),
+                "start",
+                "--block",
+                f"--address={address}",
+                "--node-ip-address=127.0.0.1",
+                "--num-cpus=1",
+            ],
+            env,
+            tmp_path / "node2.log",
+        )
+        nodes.append(second)
+        wait_for(lambda: alive_nodes(address, env) == 2, "second node join")
+        yield address, env, second
+    finally:
+        for node in reversed(nodes):
+            stop_group(node)
+
+
+def alive_nodes(address: str, env: dict) -> int:
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import ray; ray.init(address=%r, log_to_driver=False); "
+            "print(sum(n['Alive'] for n in ray.nodes()))" % address,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return int(probe.stdout.strip().splitlines()[-1]) if probe.returncode == 0 else 0
+
+
+def train(tmp_path, shards, address, env, uri, name, steps) -> subprocess.Popen:
+    overrides = [
+        "model.name=yolov9-t",
+        f"data.root={shards}",
+        "data.num_workers=0",
+        "data.shuffle_buffer=8",
+        f"train.epochs={EPOCHS}",
+        "train.batch_size=2",
+        "train.nominal_batch=4",
+        "train.imgsz=64",
+        f"train.steps_per_epoch={steps}",
+        "train.warmup_min_steps=2",
+        "ray.num_workers=2",
+        "ray.placement_strategy=SPREAD",
+        "ray.max_failures=2",
+        f"ray.address={address}",
+        f"ray.run_name={name}",
+        f"ray.storage_path={tmp_path / 'shared'}",
+        f"mlflow.tracking_uri={uri}",
+        "mlflow.experiment=cluster",
+    ]
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobs.train", *overrides],
+        env=env,
+        cwd=Path(__file__).parents[1],
+        stdout=open(tmp_path / f"{name}.log", "w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def epochs_logged(uri: str, name: str) -> list[int]:
+    client = MlflowClient(uri)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("cluster").experiment_id],
+        filter_string=f"tags.`ray.run_name` = '{name}'",
+    )
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/map50_95"))
+
+
+def test_training_survives_losing_a_node(tmp_path, tiny_shards, two_nodes, mlflow_server):
+    address, env, second = two_nodes
+    job = train(tmp_path, tiny_shards, address, env, mlflow_server, "two-nodes", steps=6)
+    run_dir = tmp_path / "shared" / "two-nodes"
+    wait_for(
+        lambda: any(p.is_dir() for p in run_dir.glob("checkpoint_*")) or job.poll() is not None,
+        "the first checkpoint",
+        timeout=400,
+    )
+    assert job.poll() is None, (tmp_path / "two-nodes.log").read_text()[-3000:]
+    raylets = subprocess.run(["pgrep", "-P", str(second.pid), "-f", "raylet"], capture_output=True, text=True)
+    for pid in raylets.stdout.split():
+        os.kill(int(pid), 9)  # the second node dies mid-run; its worker goes with it
+    assert job.wait(timeout=600) == 0, (tmp_path / "two-nodes.log").read_text()[-3000:]
+
+    log = (tmp_path / "two-nodes.log").read_text()
+    latest = max((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    assert [h["epoch"] for h in load_checkpoint(latest)["history"]] == list(range(1, EPOCHS + 1))
+    assert epochs_logged(mlflow_server, "two-nodes") == list(range(1, EPOCHS + 1)), log[-2000:]
+    artifacts = {
+        a.path
+        for a in MlflowClient(mlflow_server).list_artifacts(
+            MlflowClient(mlflow_server)
+            .search_runs([MlflowClient(mlflow_server).get_experiment_by_name("cluster").experiment_id])[0]
+            .info.run_id
+        )
+    }
+    assert {"config.yaml", "curves.png"} <= artifacts  # uploaded through the server's artifact proxy
