@@ -135,8 +135,8 @@ def alive_nodes(address: str, env: dict) -> int:
         [
             sys.executable,
             "-c",
-            "import ray; ray.init(address=%r, log_to_driver=False); "
-            "print(sum(n['Alive'] for n in ray.nodes()))" % address,
+            f"import ray; ray.init(address={address!r}, log_to_driver=False); "
+            "print(sum(n['Alive'] for n in ray.nodes()))",
         ],
         env=env,
         capture_output=True,
