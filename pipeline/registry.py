@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import serving
 from pipeline.checkpoint import CheckpointError, ema_model, load_checkpoint
-from pipeline.data import DataError, read_manifest
+from pipeline.data import DataError, Manifest, read_manifest
 from pipeline.data.loader import make_val_loader
 from pipeline.data.manifest import coco_json_path, manifest_path
 from pipeline.export import ExportError, check_onnx, check_torchscript, export_onnx, export_torchscript
@@ -44,7 +44,7 @@ from yolov9 import DetectionModel, prune
 from yolov9.profile import count_parameters, gflops
 
 CHAMPION = "champion"
-MAP_KEY = "val/map50_95"
+MAP_KEY = "val/map50_95"  # pipeline.train.MAP_KEY, not imported: that module pulls in Ray
 BEST_CHECKPOINT_TAG = "best_checkpoint"
 DEFAULT_EXPERIMENT = "yolov9-registry"
 # Pruning only re-associates float32 sums (BN folding, RepConvN merge); 1e-4 of the output scale is generous
@@ -150,6 +150,23 @@ def _source_of_run(run: Any) -> Source:
     )
 
 
+def check_registrable(state: dict[str, Any], where: str | Path) -> None:
+    """Raise RegistrationError naming what is missing when a loadable checkpoint lacks what registration reads
+    (class names, the training config's image size, data root and loss settings)."""
+    cfg = state.get("config")
+    missing = [k for k in ("class_names", "history") if k not in state]
+    if not isinstance(cfg, dict):
+        missing.append("config")
+    else:
+        missing += [
+            f"config.{s}.{k}"
+            for s, k in (("train", "imgsz"), ("data", "root"), ("loss", "tal_topk"))
+            if k not in (cfg.get(s) or {})
+        ]
+    if missing:
+        raise RegistrationError(f"{where} lacks {missing}: not a checkpoint of this project's training")
+
+
 def recorded_map(state: dict[str, Any]) -> tuple[float, float]:
     """(mAP@0.5:0.95, mAP@0.5) recorded for the checkpoint's own epoch."""
     epoch = int(state["epoch"])
@@ -230,7 +247,8 @@ def decide_promotion(
     )
 
 
-def _val_setup(state: dict[str, Any], data_root: str | Path | None) -> tuple[Any, Path, int]:
+def _val_setup(state: dict[str, Any], data_root: str | Path | None) -> tuple[Manifest, Path, int]:
+    """The val manifest the checkpoint was validated on, its root, and the training image size (pixels)."""
     cfg = state["config"]
     root = Path(data_root or cfg["data"]["root"])
     try:
@@ -374,6 +392,7 @@ def register_source(
         dual = ema_model(state)
     except CheckpointError as e:
         raise RegistrationError(f"cannot register {src.checkpoint}: {e}") from e
+    check_registrable(state, src.checkpoint)
     pruned = prune(dual)
     verification = verify_checkpoint(state, dual, pruned, data_root, num_workers, map_tolerance)
     imgsz = int(state["config"]["train"]["imgsz"])

@@ -189,6 +189,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 world_size=world,
                 num_workers=min(cfg.data.num_workers, 1),
             )
+            _share_rank0_buffers(ema.module)
             scores = evaluate_distributed(
                 ema.module,
                 val_loader,
@@ -229,6 +230,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 "metrics": metrics,
             },
         )
+
+
+def _share_rank0_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm statistics: each rank's last forward updated its own, and
+    rank 0's EMA is the one checkpointed, so the mAP reported must be that model's."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def _maybe_inject_failure(loop_config: dict[str, Any], rank: int, epoch: int, batch: int) -> None:

@@ -142,6 +142,11 @@ def run_training(cfg: Config, loop_extras: dict[str, Any] | None = None) -> Trai
     if best is not None:
         client.set_tag(run_id, "best_checkpoint", best.path)
     client.set_terminated(run_id, status="FINISHED")
+    if cfg.mlflow.register and best is not None:
+        from pipeline.registry import register_after_training  # onnx and friends load only when asked
+
+        result = register_after_training(best.path, run_id, uri, cfg.mlflow.model_name)
+        print(f"registered {result.model_uri}: {result.promotion.reason}", flush=True)
     return TrainingSummary(
         run_name=cfg.ray.run_name,
         storage_path=cfg.ray.storage_path,
