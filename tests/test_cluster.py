@@ -25,7 +25,7 @@ from tests.test_job_submit import stop_group
 pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
-EPOCHS = 4
+EPOCHS = 3
 
 
 def start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -188,7 +188,7 @@ def epochs_logged(uri: str, name: str) -> list[int]:
 
 def test_training_survives_losing_a_node(tmp_path, tiny_shards, two_nodes, mlflow_server):
     address, env, second = two_nodes
-    job = train(tmp_path, tiny_shards, address, env, mlflow_server, "two-nodes", steps=6)
+    job = train(tmp_path, tiny_shards, address, env, mlflow_server, "two-nodes", steps=4)
     run_dir = tmp_path / "shared" / "two-nodes"
     wait_for(
         lambda: any(p.is_dir() for p in run_dir.glob("checkpoint_*")) or job.poll() is not None,
