@@ -74,7 +74,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     model = build_model(cfg.model.name, num_classes=num_classes)
     if cfg.model.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
+    # channels-last (NHWC) is the layout oneDNN and cuDNN run convolutions fastest in, forward and backward
+    model.to(device, memory_format=torch.channels_last)
     ema = ModelEMA(model, cfg.train.ema_decay, cfg.train.ema_tau)
 
     global_batch = cfg.train.batch_size * world
@@ -138,7 +139,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         last_opt_step = step
         for i, (images, targets) in enumerate(loader):
             wait += time.perf_counter() - fetch_start
-            images = images.to(device, non_blocking=True).float() / 255
+            images = images.to(device, non_blocking=True, memory_format=torch.channels_last).float() / 255
             targets = targets.to(device)
             schedule.apply(optimizer, epoch, step)
             accumulate = schedule.accumulate_at(step, cfg.train.nominal_batch, global_batch)
