@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.data.augment import AugmentConfig
 from yolov9.loss import ASSIGN_MODES
 from yolov9.model import MODEL_NAMES
 
@@ -49,16 +50,7 @@ class DataConfig:
     synthetic: SyntheticConfig | None = None
     num_workers: int = 4  # DataLoader processes per Ray Train worker
     shuffle_buffer: int = 256
-    hsv_h: float = 0.015
-    hsv_s: float = 0.7
-    hsv_v: float = 0.4
-    degrees: float = 0.0
-    translate: float = 0.1
-    scale: float = 0.9
-    shear: float = 0.0
-    fliplr: float = 0.5
-    mosaic: float = 1.0
-    mixup: float = 0.15
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # mosaic, affine, HSV, flip, mixup
 
 
 @dataclass
@@ -195,7 +187,10 @@ def _build(cls: type, values: dict[str, Any], prefix: str, where: str) -> Any:
         dotted = ", ".join(f"{prefix}.{k}" if prefix else k for k in unknown)
         raise ConfigError(f"{where}: unknown key {dotted} (known: {', '.join(sorted(names))})")
     kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k, where) for k, v in values.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # sections that check themselves (data.augment)
+        raise ConfigError(f"{where}: {prefix}: {e}") from e
 
 
 def _check_values(cfg: Config, where: str) -> None:
@@ -226,16 +221,6 @@ def _check_values(cfg: Config, where: str) -> None:
         (t.steps_per_epoch is None or t.steps_per_epoch >= 1, "train.steps_per_epoch", "must be >= 1"),
         (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
         (d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1"),
-        (
-            all(0 <= getattr(d, k) <= 1 for k in ("hsv_h", "hsv_s", "hsv_v", "fliplr", "mosaic", "mixup")),
-            "data.hsv_*/fliplr/mosaic/mixup",
-            "must be probabilities or gains in [0, 1]",
-        ),
-        (
-            0 <= d.scale < 1 and 0 <= d.translate < 0.5,
-            "data.scale/translate",
-            "scale in [0, 1), translate in [0, 0.5)",
-        ),
         (loss.assign in ASSIGN_MODES, "loss.assign", f"must be one of {', '.join(ASSIGN_MODES)}"),
         (loss.tal_topk >= 1, "loss.tal_topk", "must be >= 1"),
         (

@@ -24,7 +24,6 @@ from torch import nn
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import Config, config_from_dict
 from pipeline.data import read_manifest
-from pipeline.data.augment import AugmentConfig
 from pipeline.data.loader import make_train_loader, make_val_loader
 from pipeline.data.manifest import coco_json_path, manifest_path
 from pipeline.ema import ModelEMA, unwrap
@@ -112,7 +111,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         warmup_momentum=cfg.train.warmup_momentum,
         cosine=cfg.train.cosine,
     )
-    augment = AugmentConfig(**{k: getattr(cfg.data, k) for k in AugmentConfig.__dataclass_fields__})
     val_manifest = read_manifest(manifest_path(cfg.data.root, "val"))
     category_ids = list(range(1, num_classes + 1))
 
@@ -127,7 +125,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             num_workers=cfg.data.num_workers,
             epoch=epoch,
             seed=cfg.train.seed,
-            augment=augment,
+            augment=cfg.data.augment,
             mosaic=mosaic,
             steps_per_epoch=steps_per_epoch,
             shuffle_buffer=cfg.data.shuffle_buffer,

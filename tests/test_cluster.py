@@ -3,7 +3,8 @@
 Head and a second node join over 127.0.0.1 with token auth, each with its own CPUs; an `mlflow
 server` with a sqlite backend serves artifacts over HTTP. A 2-worker training spread over both
 nodes reports to that server; then the second node's raylet is killed mid-run and the run must
-resume from its last checkpoint on the head, with every epoch reported exactly once.
+resume from its last checkpoint on the head, with every epoch reported exactly once; the result
+is then registered in the server's model registry, over HTTP like everything else.
 """
 
 import os
@@ -19,6 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.checkpoint import load_checkpoint
+from pipeline.registry import register
 from tests.conftest import free_port
 from tests.test_job_submit import stop_group
 
@@ -214,3 +216,12 @@ def test_training_survives_losing_a_node(tmp_path, tiny_shards, two_nodes, mlflo
         )
     }
     assert {"config.yaml", "curves.png"} <= artifacts  # uploaded through the server's artifact proxy
+
+    client = MlflowClient(mlflow_server)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("cluster").experiment_id],
+        filter_string="tags.`ray.run_name` = 'two-nodes'",
+    )
+    result = register(run.info.run_id, "cluster-det", mlflow_server)  # registration over HTTP too
+    assert client.get_model_version_by_alias("cluster-det", "champion").version == result.version
+    assert result.tags["source_run_id"] == run.info.run_id

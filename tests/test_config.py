@@ -65,6 +65,8 @@ def test_shipped_configs_load(name):
         ("loss: {assign: both}\n", "loss.assign"),
         ("model: {name: yolov9-x}\n", "model.name"),
         ("data: {synthetic: 3}\n", "data.synthetic"),
+        ("data: {augment: {mosaic: 1.5}}\n", "data.augment"),
+        ("data: {augment: {mosiac: 1.0}}\n", "data.augment.mosiac"),
     ],
 )
 def test_bad_values_name_the_file_and_the_key(tmp_path, text, key):
