@@ -485,8 +485,13 @@ def _log_and_register(
             decision = decide_promotion(
                 current_map, current_hash, verification.map50_95, tags["dataset.val_manifest_hash"], force
             )
+            # model_id: an HTTP tracking server only accepts a logged-model source with its id
             version = client.create_model_version(
-                name, info.model_uri, run_id=run.info.run_id, tags={**tags, "promotion": decision.reason}
+                name,
+                info.model_uri,
+                run_id=run.info.run_id,
+                tags={**tags, "promotion": decision.reason},
+                model_id=info.model_id,
             )
             if decision.promote:
                 client.set_registered_model_alias(name, CHAMPION, version.version)
