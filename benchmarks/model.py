@@ -49,15 +49,26 @@ def main() -> None:
         pruned = prune(dual)
         dual_ms = latency_ms(dual, x, args.repeats)
         pruned_ms = latency_ms(pruned, x, args.repeats)
-        print(json.dumps({
-            "benchmark": "model", "model": name, "device": args.device, "size": args.size, "batch": 1,
-            "threads": torch.get_num_threads(),
-            "params_dual": count_parameters(dual), "params_pruned": count_parameters(pruned),
-            "gflops_dual_eval": round(gflops(dual, args.size, args.size), 2),
-            "gflops_pruned": round(gflops(pruned, args.size, args.size), 2),
-            "latency_ms_dual_eval": round(dual_ms, 1), "latency_ms_pruned": round(pruned_ms, 1),
-            "speedup": round(dual_ms / pruned_ms, 2),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "benchmark": "model",
+                    "model": name,
+                    "device": args.device,
+                    "size": args.size,
+                    "batch": 1,
+                    "threads": torch.get_num_threads(),
+                    "params_dual": count_parameters(dual),
+                    "params_pruned": count_parameters(pruned),
+                    "gflops_dual_eval": round(gflops(dual, args.size, args.size), 2),
+                    "gflops_pruned": round(gflops(pruned, args.size, args.size), 2),
+                    "latency_ms_dual_eval": round(dual_ms, 1),
+                    "latency_ms_pruned": round(pruned_ms, 1),
+                    "speedup": round(dual_ms / pruned_ms, 2),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -165,7 +165,9 @@ def write_config(tmp_path, text):
 
 
 def test_custom_config_path_builds(tmp_path):
-    path = write_config(tmp_path, """
+    path = write_config(
+        tmp_path,
+        """
 backbone:
   - [-1, 1, Conv, [16, 3, 2]]
   - [-1, 1, Conv, [32, 3, 2]]
@@ -174,7 +176,8 @@ head:
   - [-1, 1, Conv, [32, 3, 2]]
   - [-1, 1, Conv, [32, 3, 2]]
   - [[2, 3, 4], 1, DDetect, [nc]]
-""")
+""",
+    )
     model = build_model(path, num_classes=2)
     assert model.head.stride.tolist() == [8.0, 16.0, 32.0]
 

@@ -27,8 +27,17 @@ def autopad(k: int, p: int | None = None, d: int = 1) -> int:
 class Conv(nn.Module):
     """Conv2d (no bias) + BatchNorm + SiLU; after :meth:`fuse`, Conv2d with bias + SiLU."""
 
-    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, p: int | None = None, g: int = 1,
-                 d: int = 1, act: bool = True) -> None:
+    def __init__(
+        self,
+        c1: int,
+        c2: int,
+        k: int = 1,
+        s: int = 1,
+        p: int | None = None,
+        g: int = 1,
+        d: int = 1,
+        act: bool = True,
+    ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(c1, c2, k, s, autopad(k, p, d), groups=g, dilation=d, bias=False)
         self.bn: nn.BatchNorm2d | None = nn.BatchNorm2d(c2, eps=BN_EPS, momentum=BN_MOMENTUM)
@@ -46,9 +55,16 @@ class Conv(nn.Module):
         if self.bn is None:
             return
         weight, bias = fold_batchnorm(self.conv.weight, self.bn)
-        conv = nn.Conv2d(self.conv.in_channels, self.conv.out_channels, self.conv.kernel_size,
-                         self.conv.stride, self.conv.padding, self.conv.dilation, self.conv.groups,
-                         bias=True).to(weight.device, weight.dtype)
+        conv = nn.Conv2d(
+            self.conv.in_channels,
+            self.conv.out_channels,
+            self.conv.kernel_size,
+            self.conv.stride,
+            self.conv.padding,
+            self.conv.dilation,
+            self.conv.groups,
+            bias=True,
+        ).to(weight.device, weight.dtype)
         conv.weight.copy_(weight)
         conv.bias.copy_(bias)
         self.conv = conv
@@ -86,8 +102,9 @@ class RepConvN(nn.Module):
         w3, b3 = fold_batchnorm(self.conv1.conv.weight, self.conv1.bn)
         w1, b1 = fold_batchnorm(self.conv2.conv.weight, self.conv2.bn)
         src = self.conv1.conv
-        fused = nn.Conv2d(src.in_channels, src.out_channels, 3, src.stride, 1, groups=src.groups,
-                          bias=True).to(w3.device, w3.dtype)
+        fused = nn.Conv2d(
+            src.in_channels, src.out_channels, 3, src.stride, 1, groups=src.groups, bias=True
+        ).to(w3.device, w3.dtype)
         fused.weight.copy_(w3 + F.pad(w1, [1, 1, 1, 1]))
         fused.bias.copy_(b3 + b1)
         self.fused = fused
@@ -112,8 +129,9 @@ class RepNBottleneck(nn.Module):
 class RepNCSP(nn.Module):
     """CSP block whose bottlenecks are RepNBottlenecks."""
 
-    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = True, g: int = 1,
-                 e: float = 0.5) -> None:
+    def __init__(
+        self, c1: int, c2: int, n: int = 1, shortcut: bool = True, g: int = 1, e: float = 0.5
+    ) -> None:
         super().__init__()
         c_ = int(c2 * e)
         self.cv1 = Conv(c1, c_, 1, 1)

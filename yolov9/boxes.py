@@ -64,4 +64,3 @@ def box_ciou(b1: torch.Tensor, b2: torch.Tensor, eps: float = 1e-7) -> torch.Ten
     with torch.no_grad():
         alpha = v / (v - iou + (1 + eps))
     return iou - (rho2 / diag2 + v * alpha)
-

@@ -172,8 +172,11 @@ def _absolute(i: int, f: From) -> list[int]:
 
 def _check_source(i: int, f: Any, where: str) -> From:
     refs = [f] if isinstance(f, int) else f
-    if not isinstance(refs, list) or not refs or not all(isinstance(j, int) and not isinstance(j, bool)
-                                                          for j in refs):
+    if (
+        not isinstance(refs, list)
+        or not refs
+        or not all(isinstance(j, int) and not isinstance(j, bool) for j in refs)
+    ):
         raise ValueError(f"{where}: 'from' must be an int or a list of ints, got {f!r}")
     for j in refs:
         if j < -1 or j >= i or (j == -1 and i == 0 and isinstance(f, list)):
@@ -208,8 +211,9 @@ def _resolve_args(args: tuple, num_classes: int) -> list[Any]:
     return [num_classes if a == "nc" else a for a in args]
 
 
-def build_from_spec(layers: Sequence[LayerSpec], num_classes: int, name: str = "",
-                    where: str = "config") -> DetectionModel:
+def build_from_spec(
+    layers: Sequence[LayerSpec], num_classes: int, name: str = "", where: str = "config"
+) -> DetectionModel:
     """Instantiate a model from parsed layer specs (``where`` names the config in errors)."""
     in_channels = 3
     ch: list[Any] = []
@@ -220,8 +224,9 @@ def build_from_spec(layers: Sequence[LayerSpec], num_classes: int, name: str = "
         try:
             module, c_out = BLOCKS[spec.block](widths, absolute, _resolve_args(spec.args, num_classes))
         except (TypeError, ValueError, IndexError, KeyError) as e:
-            raise ValueError(f"{where}, layer {spec.index}: bad arguments for {spec.block}: "
-                             f"{list(spec.args)!r} ({e})") from e
+            raise ValueError(
+                f"{where}, layer {spec.index}: bad arguments for {spec.block}: {list(spec.args)!r} ({e})"
+            ) from e
         modules.append(module)
         ch.append(c_out)
     model = DetectionModel(modules, [spec.source for spec in layers], name=name)
@@ -255,8 +260,10 @@ def load_config(name_or_path: str | Path) -> tuple[dict, str]:
     if str(name_or_path) in MODEL_NAMES:
         path = CONFIG_DIR / f"{name_or_path}.yaml"
     elif path.suffix not in (".yaml", ".yml") or not path.is_file():
-        raise ValueError(f"unknown model {str(name_or_path)!r}: use one of {', '.join(MODEL_NAMES)} "
-                         "or the path of an existing model .yaml")
+        raise ValueError(
+            f"unknown model {str(name_or_path)!r}: use one of {', '.join(MODEL_NAMES)} "
+            "or the path of an existing model .yaml"
+        )
     with open(path) as f:
         try:
             spec = yaml.safe_load(f)
