@@ -130,7 +130,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             steps_per_epoch=steps_per_epoch,
             shuffle_buffer=cfg.data.shuffle_buffer,
         )
-        sums: dict[str, float] = {}
+        sums: torch.Tensor | None = None  # running [total, *parts] on the device: no host sync per part
+        names: list[str] = []
         model.train()
         wait, start, images_seen = 0.0, time.perf_counter(), 0
         fetch_start = time.perf_counter()
@@ -146,6 +147,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             with sync:
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     loss, parts = loss_fn(model(images), targets)
+                # the one host sync per step: a non-finite step must not reach the weights
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch} step {step}")
                 scaler.scale(loss).backward()
@@ -157,16 +159,17 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 optimizer.zero_grad(set_to_none=True)
                 ema.update(model)
                 last_opt_step = step + 1
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            sums["total"] = sums.get("total", 0.0) + loss.item()
+            names = ["total", *parts]
+            values = torch.stack([loss.detach().float(), *(v.float() for v in parts.values())])
+            sums = values if sums is None else sums + values
             step += 1
             images_seen += images.shape[0]
             _maybe_inject_failure(loop_config, rank, epoch, i)
             fetch_start = time.perf_counter()
         elapsed = time.perf_counter() - start
         n = max(steps_per_epoch, 1)
-        metrics = {f"train/{k}": v / n for k, v in sums.items()}
+        totals = sums.tolist() if sums is not None else []
+        metrics = {f"train/{k}": v / n for k, v in zip(names, totals, strict=True)}
         # skipped samples are summed over ranks: the mean times the world size
         metrics.update({f"data/{k}": float(v) * world for k, v in loader.stats().items()})
         metrics = _mean_across_ranks(metrics, device)

@@ -18,6 +18,7 @@ from torch import nn
 
 from pipeline.checkpoint import ema_model, load_checkpoint
 from pipeline.data import read_manifest
+from pipeline.data.augment import letterbox_boxes
 from pipeline.data.loader import make_val_loader
 from pipeline.data.manifest import coco_json_path, manifest_path
 from pipeline.evaluate import coco_map, detections_from_predictions
@@ -93,8 +94,8 @@ def render_predictions(
             tile = image.permute(1, 2, 0).numpy()
             anns = truth.get(meta["image_id"], [])
             xywh = np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)
-            boxes = np.concatenate((xywh[:, :2], xywh[:, :2] + xywh[:, 2:]), 1) * meta["ratio"]
-            boxes += np.tile(np.asarray(meta["pad"], dtype=np.float32), 2)
+            xyxy = np.concatenate((xywh[:, :2], xywh[:, :2] + xywh[:, 2:]), 1)
+            boxes = letterbox_boxes(xyxy, meta["ratio"], meta["pad"])
             tile = draw_boxes(tile, boxes, [class_names[a["category_id"] - 1] for a in anns], (0, 200, 0))
             p = pred.cpu().numpy()
             labels = [f"{class_names[int(c)]} {s:.2f}" for s, c in p[:, 4:6]]

@@ -1,6 +1,9 @@
 """Shared fixtures: a small synthetic shard set on disk and one local Ray instance pinned to 127.0.0.1."""
 
+import os
+import signal
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,9 +22,20 @@ def tiny_shards(tmp_path_factory) -> Path:
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM the process group a test started (a server and what it spawned), SIGKILL if it hangs."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")

@@ -21,8 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.registry import register
-from tests.conftest import free_port
-from tests.test_job_submit import stop_group
+from tests.conftest import free_port, stop_group
 
 pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow]
 

@@ -4,7 +4,6 @@
 import os
 import re
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,17 +14,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.checkpoint import load_checkpoint
+from tests.conftest import free_port, stop_group
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -79,16 +73,6 @@ def ray_head(tmp_path):
     finally:
         stop_group(head)
         log.close()
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM the process group this test started (ray start and the Ray processes under it)."""
-    if process.poll() is None:
-        os.killpg(process.pid, 15)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
 
 
 def test_ray_job_submit_trains_checkpoints_and_tracks(tmp_path, tiny_shards, ray_head):

@@ -1,7 +1,6 @@
 """The dual-branch PGI loss: weights, assignment modes, empty targets, bad input, worker-count invariance."""
 
 import math
-import socket
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from tests.conftest import free_port
 from yolov9 import build_model
 from yolov9.loss import DualDetectionLoss, HeadInfo, _dfl
 
@@ -190,12 +190,6 @@ def worker_gradient(rank: int, world: int, port: int, out: dict) -> None:
     if rank == 0:
         out["grads"] = [p.grad.clone() for p in model.module.maps]
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -4,8 +4,6 @@ from a checkpoint on disk to a served model version (real sqlite MLflow stores, 
 import base64
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +32,7 @@ from pipeline.registry import (
     verify_outputs,
 )
 from pipeline.validate import evaluate_checkpoint
+from tests.conftest import free_port, stop_group
 from yolov9 import build_model, prune
 
 REPO = Path(__file__).resolve().parent.parent
@@ -395,12 +394,6 @@ def test_champion_predicts_in_a_fresh_process_like_the_evaluator(registry, tiny_
             )  # a reference box within half a pixel
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_until_up(port: int, server: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -418,7 +411,7 @@ def _wait_until_up(port: int, server: subprocess.Popen, log: Path, timeout_s: fl
 def test_mlflow_models_serve_answers_a_posted_image(registry, tiny_shards, tmp_path):
     uri, _, _, _ = registry
     jpeg = (tmp_path / "images" / sorted(_val_jpegs(tiny_shards, tmp_path / "images"))[0]).read_bytes()
-    port = _free_port()
+    port = free_port()
     # mlflow runs `uvicorn` from PATH: the one next to this interpreter
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": path}
@@ -447,8 +440,7 @@ def test_mlflow_models_serve_answers_a_posted_image(registry, tiny_shards, tmp_p
             with urllib.request.urlopen(request, timeout=60) as response:
                 predictions = json.loads(response.read())["predictions"]
         finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
+            stop_group(server)
     assert len(predictions) == 1 and set(predictions[0]) == {"boxes", "scores", "classes", "class_names"}
     assert 0 < len(predictions[0]["boxes"]) <= 7
     classes = read_manifest(manifest_path(tiny_shards, "val")).class_names

@@ -118,6 +118,19 @@ def write_manifest(manifest: Manifest, report: dict[str, Any]) -> None:
     write_json_atomic(manifest.path, payload)
 
 
+def load_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object read from ``path``; DataError naming the file (and ``what`` it is) otherwise."""
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: {what} must be a JSON object, got {type(data).__name__}")
+    return data
+
+
 def read_manifest(path: str | Path) -> Manifest:
     """Read and check ``<split>-manifest.json``.
 
@@ -125,14 +138,7 @@ def read_manifest(path: str | Path) -> Manifest:
     mistyped keys, totals that disagree with the shard list, or a listed local shard that does not exist.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: manifest file not found")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: manifest must be a JSON object, got {type(data).__name__}")
+    data = load_json_object(path, "manifest file")
     if data.get("format") != FORMAT:
         raise DataError(f"{path}: format marker is {data.get('format')!r}, expected {FORMAT!r}")
     missing = [k for k in REQUIRED_KEYS if k not in data]

@@ -6,7 +6,6 @@ Readers parse annotations only (images are opened by the writer, which checks th
 
 from __future__ import annotations
 
-import json
 import struct
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pipeline.data.manifest import DataError
+from pipeline.data.manifest import DataError, load_json_object
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 MAX_EXAMPLES = 5
@@ -103,7 +102,7 @@ def read_coco(annotation_json: str | Path, image_dir: str | Path) -> Source:
     Crowd annotations, unknown category or image ids and malformed annotations are skipped and counted.
     """
     annotation_json, image_dir = Path(annotation_json), Path(image_dir)
-    data = _load_json(annotation_json)
+    data = load_json_object(Path(annotation_json), "annotation file")
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
     if missing:
         raise DataError(f"{annotation_json}: COCO file lacks the lists {missing}")
@@ -267,18 +266,6 @@ def _header_size(path: Path) -> tuple[int, int] | None:
             return image_size(head) or image_size(head + f.read())
     except OSError:
         return None
-
-
-def _load_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise DataError(f"{path}: annotation file not found")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object")
-    return data
 
 
 def _yolo_names(data_yaml: Path) -> list[str]:
