@@ -3,7 +3,8 @@
 Prints one JSON line per figure: a decode-only baseline (cv2.imdecode in one thread), a one-thread
 re-implementation of the reference pipeline's per-sample work (decode 4 images, resize, paste into a
 2*imgsz canvas, warp that canvas, split/merge HSV), and this project's loader for each worker count.
-Single-thread figures are per CPU second, so they hold on a shared host; worker figures are wall-clock.
+samples_per_s is wall-clock; samples_per_s_per_core is per CPU second of the loader's processes (the main
+one and its workers), so it holds on a shared host.
 Usage: python benchmarks/loader.py [--shards MANIFEST] [--images 256] [--workers 0,1,2] [--imgsz 640]
 """
 
@@ -23,7 +24,7 @@ import cv2
 import numpy as np
 
 from pipeline.data import read_manifest
-from pipeline.data.augment import AugmentConfig, hflip
+from pipeline.data.augment import AugmentConfig
 from pipeline.data.loader import make_train_loader
 
 
@@ -121,32 +122,49 @@ def reference_style_rate(payloads: list[bytes], imgsz: int, seconds: float) -> f
             [cv2.LUT(c, lut.astype(np.uint8)) for c, lut in zip((hue, sat, val), luts, strict=True)]
         )
         out = cv2.cvtColor(merged, cv2.COLOR_HSV2BGR)
-        out, _ = hflip(out, np.zeros((0, 4), np.float32))
+        out = cv2.flip(out, 1)
         np.ascontiguousarray(out[:, :, ::-1].transpose(2, 0, 1))
         done += 1
     return done / (time.process_time() - start)
 
 
+def tree_cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by this process and its live children (loader workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    me = os.getpid()
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        pid = int(stat.parent.name)
+        if pid == me or int(fields[1]) == me:  # fields[1] is the parent pid
+            total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
+    return total / tick
+
+
 def loader_rate(
     manifest_path: Path, workers: int, mosaic: bool, imgsz: int, batch: int, steps: int
 ) -> tuple[float, float]:
-    """(samples per wall second, samples per CPU second of this process) of make_train_loader over
-    ``steps`` batches, timed after each worker's first batch (process start and shuffle-buffer fill
-    excluded). With workers=0 all work runs in this process: the CPU figure is the per-core rate even on a
-    busy host."""
+    """(samples per wall second, samples per CPU second of this process and its loader workers) of
+    make_train_loader over ``steps`` batches, timed after each worker's first batch (process start and
+    shuffle-buffer fill excluded). The CPU figure is the per-core rate, and holds on a busy host."""
     warm = max(workers, 1)
     loader = make_train_loader(
         read_manifest(manifest_path), batch_size=batch, imgsz=imgsz, rank=0, world_size=1,
         num_workers=workers, epoch=0, seed=0, augment=AugmentConfig(), mosaic=mosaic,
         steps_per_epoch=steps + warm,
     )  # fmt: skip
-    start, cpu_start, seen = 0.0, 0.0, 0
+    start, cpu_start, seen, cpu_end = 0.0, 0.0, 0, 0.0
     for i, (images, _) in enumerate(loader):
         if i == warm - 1:
-            start, cpu_start = time.perf_counter(), time.process_time()
+            start, cpu_start = time.perf_counter(), tree_cpu_seconds()
         elif i >= warm:
             seen += images.shape[0]
-    return seen / (time.perf_counter() - start), seen / (time.process_time() - cpu_start)
+        if i == steps + warm - 1:  # read the workers' CPU time before they exit
+            cpu_end = tree_cpu_seconds()
+    return seen / (time.perf_counter() - start), seen / (cpu_end - cpu_start)
 
 
 def emit(**fields: object) -> None:
@@ -160,7 +178,13 @@ def main() -> None:
     parser.add_argument("--workers", default="0,1,2", help="0: in-process, per-core rate from CPU time")
     parser.add_argument("--imgsz", type=int, default=640)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=16, help="timed batches per figure")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=40,
+        help="timed batches per figure (a worker's batch in flight at the start "
+        "of the timing is counted, so the rates read high by up to workers/steps)",
+    )
     parser.add_argument("--seconds", type=float, default=3.0, help="duration of the single-core baselines")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
@@ -183,10 +207,9 @@ def main() -> None:
         for workers in (int(w) for w in args.workers.split(",")):
             for mosaic in (True, False):
                 wall, cpu = loader_rate(manifest, workers, mosaic, args.imgsz, args.batch, args.steps)
-                per_core = cpu if workers == 0 else wall / min(workers, cores)
                 emit(
                     workers=workers, mosaic=mosaic, samples_per_s=round(wall, 1),
-                    samples_per_s_per_core=round(per_core, 1), cores=cores,
+                    samples_per_s_per_core=round(cpu, 1), cores=cores,
                 )  # fmt: skip
 
 

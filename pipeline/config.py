@@ -50,7 +50,7 @@ class DataConfig:
     synthetic: SyntheticConfig | None = None
     num_workers: int = 4  # DataLoader processes per Ray Train worker
     shuffle_buffer: int = 256
-    augment: AugmentConfig = field(default_factory=AugmentConfig)  # mosaic, affine, HSV, flip, mixup
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # mosaic, affine, colour, flip, mixup
 
 
 @dataclass

@@ -38,7 +38,7 @@ from pipeline.serving import (
     ModelSpec,
     encode_jpeg,
 )
-from pipeline.tracking import check_tracking_uri
+from pipeline.tracking import check_tracking_uri, experiment_id
 from pipeline.validate import evaluate_distributed
 from yolov9 import DetectionModel, prune
 from yolov9.profile import count_parameters, gflops
@@ -452,8 +452,7 @@ def _log_and_register(
     mlflow.set_tracking_uri(tracking_uri)
     try:
         if experiment is not None or src.experiment_id is None:
-            exp = client.get_experiment_by_name(experiment or DEFAULT_EXPERIMENT)
-            exp_id = exp.experiment_id if exp else client.create_experiment(experiment or DEFAULT_EXPERIMENT)
+            exp_id = experiment_id(client, tracking_uri, experiment or DEFAULT_EXPERIMENT)
         else:
             exp_id = src.experiment_id
         run_tags = {k: v for k, v in tags.items() if v}

@@ -8,6 +8,7 @@ report, so a restarted worker group neither loses nor duplicates an epoch.
 from __future__ import annotations
 
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -51,13 +52,29 @@ def check_tracking_uri(uri: str, timeout_s: float = 10.0) -> None:
         )
 
 
+def experiment_id(client: MlflowClient, uri: str, name: str) -> str:
+    """The id of experiment ``name`` in the store at ``uri``, created if missing.
+
+    On a sqlite store a new experiment keeps its artifacts in ``mlartifacts/`` next to the database file.
+    MLflow's default is ``./mlruns`` of whatever folder the creating process runs in, which for a Ray job
+    is a temporary working directory that disappears with the job.
+    """
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts"
+        location = (folder / re.sub(r"[^A-Za-z0-9._-]", "_", name)).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
 def start_or_resume_run(
     uri: str, experiment: str, run_name: str, storage_path: str, params: dict[str, Any], tags: dict[str, str]
 ) -> str:
     """The id of the unfinished MLflow run of this Ray run (same name and storage), or a new one."""
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    exp_id = experiment_id(client, uri, experiment)
     query = f"tags.`{RUN_NAME_TAG}` = '{run_name}' and tags.`{STORAGE_TAG}` = '{storage_path}'"
     for run in client.search_runs([exp_id], filter_string=query, order_by=["attributes.start_time DESC"]):
         if run.info.status != "FINISHED":

@@ -29,7 +29,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from pipeline.config import Config, ConfigError, apply_overrides, config_from_dict
-from pipeline.tracking import check_tracking_uri, flatten, resolve_tracking_uri
+from pipeline.tracking import check_tracking_uri, experiment_id, flatten, resolve_tracking_uri
 from pipeline.train import fit
 from pipeline.train_job import ensure_ray, prepare_data
 
@@ -164,8 +164,7 @@ def concurrent_trials(cfg: Config) -> int:
 
 def _parent_run(client: MlflowClient, cfg: Config, resuming: bool) -> tuple[str, str]:
     """(experiment id, run id) of the search's parent run: the latest of this search when resuming, or new."""
-    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(cfg.mlflow.experiment)
+    exp_id = experiment_id(client, client.tracking_uri, cfg.mlflow.experiment)
     if resuming:
         query = f"tags.`{PARENT_TAG}` = '{cfg.tune.name}'"
         for run in client.search_runs([exp_id], filter_string=query, order_by=["attributes.start_time DESC"]):

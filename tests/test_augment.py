@@ -12,8 +12,9 @@ from pipeline.data.augment import (
     affine_letterbox,
     augment_train_sample,
     box_candidates,
-    hflip,
-    hsv_jitter,
+    color_jitter,
+    color_matrix,
+    hflip_boxes,
     letterbox,
     letterbox_boxes,
     mixup,
@@ -21,7 +22,7 @@ from pipeline.data.augment import (
     unletterbox_boxes,
 )
 
-RED = (0, 0, 255)  # BGR
+RED = (255, 0, 0)  # RGB
 NO_AUGMENT = AugmentConfig(hsv_h=0, hsv_s=0, hsv_v=0, translate=0, scale=0, fliplr=0, mosaic=0, mixup=0)
 STRONG = AugmentConfig(degrees=30, translate=0.3, scale=0.9, shear=10, mixup=0.5)
 
@@ -35,7 +36,7 @@ def red_block() -> Labelled:
 
 
 def is_red(pixels: np.ndarray) -> np.ndarray:
-    return (pixels[..., 2] > 200) & (pixels[..., 0] < 50) & (pixels[..., 1] < 50)
+    return (pixels[..., 0] > 200) & (pixels[..., 1] < 50) & (pixels[..., 2] < 50)
 
 
 def test_letterbox_fits_the_long_side_and_centres_the_padding():
@@ -58,10 +59,16 @@ def test_letterbox_rejects_a_greyscale_image():
         letterbox(np.zeros((10, 10), np.uint8), 32)
 
 
-def test_hflip_mirrors_boxes_about_the_image_width(red_block):
-    image, boxes = hflip(red_block.image, red_block.boxes)
-    assert boxes.tolist() == [[120 - 80, 20, 120 - 30, 60]]
-    assert is_red(image[20:60, 40:90]).all() and not is_red(image[:, :40]).any()
+def test_hflip_boxes_mirrors_boxes_about_the_image_width(red_block):
+    assert hflip_boxes(red_block.boxes, 120).tolist() == [[120 - 80, 20, 120 - 30, 60]]
+
+
+def test_flipped_sample_keeps_its_box_on_the_mirrored_pixels(red_block):
+    flip_only = AugmentConfig(hsv_h=0, hsv_s=0, hsv_v=0, translate=0, scale=0, fliplr=1.0, mosaic=0, mixup=0)
+    out = augment_train_sample(red_block, [], 120, flip_only, use_mosaic=False, rng=np.random.default_rng(0))
+    # Letterboxed into 120x120: the 90 rows are centred with 15 rows of padding above.
+    assert out.boxes.tolist() == [[40, 35, 90, 75]]
+    assert is_red(out.image[35:75, 40:90]).all() and not is_red(out.image[:, :40]).any()
 
 
 def test_unaugmented_no_mosaic_path_returns_the_image_unchanged():
@@ -178,14 +185,48 @@ def test_box_candidates_compare_areas_after_the_zoom():
 
 def test_hue_and_saturation_jitter_keep_grey_grey():
     grey = np.full((8, 8, 3), 77, np.uint8)
-    np.testing.assert_array_equal(hsv_jitter(grey, np.random.default_rng(0), 0.5, 0.9, 0.0), grey)
+    np.testing.assert_array_equal(color_jitter(grey, np.random.default_rng(0), 0.5, 0.9, 0.0), grey)
 
 
 def test_value_jitter_scales_brightness_by_the_drawn_gain():
     grey = np.full((8, 8, 3), 100, np.uint8)
-    gain = np.random.default_rng(3).uniform(-1, 1, 3)[2] * 0.4 + 1  # the draw hsv_jitter makes for V
-    out = hsv_jitter(grey, np.random.default_rng(3), 0.0, 0.0, 0.4)
-    assert abs(int(out[0, 0, 0]) - int(100 * gain)) <= 1
+    gain = np.random.default_rng(3).uniform(-1, 1, 3)[2] * 0.4 + 1  # the draw color_jitter makes for V
+    out = color_jitter(grey, np.random.default_rng(3), 0.0, 0.0, 0.4)
+    assert abs(int(out[0, 0, 0]) - 100 * gain) <= 1
+
+
+def test_value_gain_scales_every_channel():
+    np.testing.assert_allclose(color_matrix(1.0, 1.0, 1.3), 1.3 * np.eye(3), atol=1e-12)
+
+
+def test_saturation_gain_scales_the_distance_from_the_luma_grey():
+    rgb = np.array([200.0, 100.0, 50.0])
+    luma = 0.299 * 200 + 0.587 * 100 + 0.114 * 50  # 124.2
+    np.testing.assert_allclose(color_matrix(1.0, 0.5, 1.0) @ rgb, luma + 0.5 * (rgb - luma), atol=1e-9)
+
+
+def test_zero_saturation_gives_the_luma_grey():
+    np.testing.assert_allclose(color_matrix(1.0, 0.0, 1.0) @ np.array([255.0, 0, 0]), [76.245] * 3, atol=1e-9)
+
+
+def test_hue_gain_turns_colours_about_the_grey_axis():
+    # A hue gain of 4/3 turns by 60 degrees, red towards yellow as a rising HSV hue does; a rotation about
+    # the grey axis keeps the channel sum (3) and the distance from grey.
+    turned = color_matrix(1.0 + 1.0 / 3.0, 1.0, 1.0) @ np.array([3.0, 0.0, 0.0])
+    np.testing.assert_allclose(turned, [2.0, 2.0, -1.0], atol=1e-9)
+
+
+def test_jitter_saturates_at_255_instead_of_wrapping():
+    gain = np.random.default_rng(2).uniform(-1, 1, 3)[2] * 0.9 + 1  # 1.57
+    out = color_jitter(np.full((2, 2, 3), 250, np.uint8), np.random.default_rng(2), 0.0, 0.0, 0.9)
+    assert gain > 1.5 and (out == 255).all()
+
+
+def test_jitter_writes_into_the_given_array():
+    image = np.full((4, 4, 3), 100, np.uint8)
+    dst = np.zeros_like(image)
+    out = color_jitter(image, np.random.default_rng(0), 0.0, 0.0, 0.5, dst=dst)
+    assert out is dst and (dst != 0).all() and (image == 100).all()
 
 
 def test_mixup_blends_pixels_and_keeps_both_box_sets():

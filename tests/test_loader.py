@@ -199,7 +199,7 @@ def test_train_targets_index_their_image_and_stay_inside_it(tmp_path):
         steps_per_epoch=2,
     )
     for images, targets in loader:
-        assert images.dtype == torch.uint8 and images.is_contiguous()
+        assert images.dtype == torch.uint8 and images.is_contiguous(memory_format=torch.channels_last)
         assert targets.dtype == torch.float32 and targets.shape[1] == 6 and len(targets) > 0
         assert set(targets[:, 0].tolist()) <= {0.0, 1.0, 2.0, 3.0}
         assert set(targets[:, 1].tolist()) <= {0.0, 1.0, 2.0}
@@ -211,7 +211,7 @@ def test_unaugmented_train_batch_is_the_letterboxed_image_in_rgb(tmp_path):
     path = tmp_path / "train-000000.tar"
     write_split(tmp_path, [1])
     image = np.zeros((64, 64, 3), np.uint8)
-    image[:, :, 2] = 200  # red in BGR
+    image[:, :, 2] = 200  # red: OpenCV encodes BGR arrays
     ok, buf = cv2.imencode(".png", image)  # lossless so the colour is exact; imdecode reads it all the same
     meta = {
         "image_id": 0,

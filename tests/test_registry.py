@@ -31,6 +31,7 @@ from pipeline.registry import (
     verify_map,
     verify_outputs,
 )
+from pipeline.tracking import experiment_id
 from pipeline.validate import evaluate_checkpoint
 from tests.conftest import free_port, stop_group
 from yolov9 import build_model, prune
@@ -269,7 +270,8 @@ def registry(checkpoint, tmp_path_factory):
     uri = f"sqlite:///{tmp_path_factory.mktemp('registry') / 'mlflow.db'}"
     client = MlflowClient(uri)
     run = client.create_run(
-        client.create_experiment("train"), tags={"best_checkpoint": str(checkpoint), "ray.job_id": "03000000"}
+        experiment_id(client, uri, "train"),
+        tags={"best_checkpoint": str(checkpoint), "ray.job_id": "03000000"},
     )
     first = register(run.info.run_id, "yolov9-det", uri)
     second = register(checkpoint, "yolov9-det", uri)
