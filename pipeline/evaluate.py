@@ -6,11 +6,11 @@ with the box in original-image pixels.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import copy
-import io
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,9 +101,28 @@ def _load_gt(gt_json: str | Path | Mapping) -> COCO:
             raise ValueError(f"COCO ground-truth annotation {ann.get('id')} lacks {missing}")
     gt = COCO()
     gt.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _quiet_pycocotools():
         gt.createIndex()
     return gt
+
+
+@contextlib.contextmanager
+def _quiet_pycocotools() -> Iterator[None]:
+    """Mute the progress lines pycocotools prints on every call.
+
+    redirect_stdout is not enough: inside a Ray Train worker print() is patched to log through the root
+    logger, so the lines would still reach the job's output, 40 of them per validation.
+    """
+    original = builtins.print
+    builtins.print = _print_nothing
+    try:
+        yield
+    finally:
+        builtins.print = original
+
+
+def _print_nothing(*args: object, **kwargs: object) -> None:
+    return None
 
 
 def coco_map(gt_json: str | Path | Mapping, detections: Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -126,7 +145,7 @@ def coco_map(gt_json: str | Path | Mapping, detections: Sequence[Mapping[str, An
         raise ValueError(f"detections with category ids absent from the ground truth: {sorted(unknown_cats)}")
     # loadRes adds keys to each dict it is given: keep the caller's detections untouched.
     results = [dict(d, bbox=list(d["bbox"])) for d in detections]
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _quiet_pycocotools():
         dt = gt.loadRes(results)
         evaluator = COCOeval(gt, dt, "bbox")
         evaluator.evaluate()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 from pathlib import Path
 
@@ -84,6 +85,14 @@ def test_caller_detections_are_not_modified(gt_path):
 def test_pycocotools_printing_is_suppressed(gt_path, capsys):
     coco_map(gt_path, [detection(1, 1, [100.0, 50.0, 200.0, 100.0])])
     assert capsys.readouterr().out == ""
+
+
+def test_pycocotools_printing_is_suppressed_when_print_is_rerouted(gt_path, monkeypatch):
+    # Ray Train workers replace builtins.print with a function that logs, past any redirect_stdout.
+    printed = []
+    monkeypatch.setattr(builtins, "print", lambda *args, **kwargs: printed.append(args))
+    coco_map(gt_path, [detection(1, 1, [100.0, 50.0, 200.0, 100.0])])
+    assert printed == []
 
 
 def test_missing_gt_file_is_reported(tmp_path):
