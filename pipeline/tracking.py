@@ -1,15 +1,14 @@
 """MLflow tracking of a training run: reachability check, run creation/resumption, metrics, artifacts.
 
 The run is created on the driver before any worker starts (an unreachable server fails the job at
-once); per-epoch metrics are logged by a Ray Train callback on the controller, once per persisted
-report, so a restarted worker group neither loses nor duplicates an epoch.
+once). Per-epoch metrics are logged by pipeline.train.MlflowEpochLogger, a Ray Train callback on the
+controller, once per persisted report, so a restarted worker group neither loses nor duplicates an epoch.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,7 +16,6 @@ from typing import Any
 
 import mlflow
 from mlflow.tracking import MlflowClient
-from ray.train import Checkpoint, UserCallback
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 RUN_NAME_TAG = "ray.run_name"
@@ -99,23 +97,3 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-class MlflowEpochLogger(UserCallback):
-    """Logs rank 0's metrics of each persisted report to an MLflow run (step = epoch)."""
-
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
-        self.tracking_uri, self.run_id = tracking_uri, run_id
-
-    def after_report(
-        self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Checkpoint | None
-    ) -> None:
-        if not metrics:
-            return
-        rank0 = metrics[0]
-        epoch = int(rank0.get("epoch", 0))
-        values = {k: float(v) for k, v in rank0.items() if isinstance(v, (int, float)) and k != "epoch"}
-        now_ms = int(time.time() * 1000)
-        MlflowClient(self.tracking_uri).log_batch(
-            self.run_id, metrics=[mlflow.entities.Metric(k, v, now_ms, epoch) for k, v in values.items()]
-        )

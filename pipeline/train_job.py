@@ -84,6 +84,12 @@ def prediction_grid(state: dict[str, Any], cfg: Config, val_manifest: Manifest, 
     )
 
 
+# Ray Train settings for a Ray instance on this one machine. The preemption watcher is one more actor
+# process per run (seconds of start-up on a small machine) watching for the drain of a node that an
+# autoscaler is about to take back, and no autoscaler drains the only node of a local instance.
+LOCAL_RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def ensure_ray(address: str | None) -> None:
     """Attach to ``address`` or ``RAY_ADDRESS`` (a running cluster), else start a local instance on
     127.0.0.1. Its dashboard serves the state API that Ray Train needs to free stopped runs' resources."""
@@ -92,6 +98,9 @@ def ensure_ray(address: str | None) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or os.environ["RAY_ADDRESS"])
     else:
+        # set before ray.init so that the instance's processes (Tune trials too) inherit it
+        for name, value in LOCAL_RAY_TRAIN_ENV.items():
+            os.environ.setdefault(name, value)
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1")
 
 
@@ -122,19 +131,24 @@ def run_training(cfg: Config, loop_extras: dict[str, Any] | None = None) -> Trai
         raise
     best = result.get_best_checkpoint(MAP_KEY, "max") if result.best_checkpoints else None
     latest = result.checkpoint
-    history: list[dict[str, float]] = []
+    latest_state: dict[str, Any] | None = None
     if latest is not None:
         with latest.as_directory() as d:
-            history = load_checkpoint(d)["history"]
+            latest_state = load_checkpoint(d)
+    history: list[dict[str, float]] = latest_state["history"] if latest_state is not None else []
     with tempfile.TemporaryDirectory() as d:
         config_file = Path(d) / "config.yaml"
         config_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         client.log_artifact(run_id, str(config_file))
         if history:
             client.log_artifact(run_id, str(plot_curves(history, Path(d) / "curves.png")))
-        if best is not None or latest is not None:
-            with (best or latest).as_directory() as ckpt:
-                grid = prediction_grid(load_checkpoint(ckpt), cfg, val_manifest)
+        # the grid shows the best checkpoint, loaded a second time only when it is not the latest
+        grid_state = latest_state
+        if best is not None and (latest is None or best.path != latest.path):
+            with best.as_directory() as ckpt:
+                grid_state = load_checkpoint(ckpt)
+        if grid_state is not None:
+            grid = prediction_grid(grid_state, cfg, val_manifest)
             picture = Path(d) / "val_predictions.png"
             cv2.imwrite(str(picture), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
             client.log_artifact(run_id, str(picture))

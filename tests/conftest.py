@@ -43,18 +43,24 @@ def local_ray():
     """A local Ray instance for the whole session, shut down by the session that started it."""
     import ray
 
+    from pipeline.train_job import LOCAL_RAY_TRAIN_ENV
+
     started = not ray.is_initialized()
-    if started:
-        # The dashboard serves the state API that Ray Train uses to release the resources of runs
-        # whose driver was stopped (a trial ended by ASHA), so it stays on, on 127.0.0.1.
-        ray.init(
-            num_cpus=2,
-            _node_ip_address="127.0.0.1",
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=free_port(),
-            log_to_driver=False,
-        )
-    yield ray
-    if started:
-        ray.shutdown()
+    with pytest.MonkeyPatch.context() as env:
+        if started:
+            # the settings the job gives a local instance of its own, set before ray.init for its processes
+            for name, value in LOCAL_RAY_TRAIN_ENV.items():
+                env.setenv(name, os.environ.get(name, value))
+            # The dashboard serves the state API that Ray Train uses to release the resources of runs
+            # whose driver was stopped (a trial ended by ASHA), so it stays on, on 127.0.0.1.
+            ray.init(
+                num_cpus=2,
+                _node_ip_address="127.0.0.1",
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=free_port(),
+                log_to_driver=False,
+            )
+        yield ray
+        if started:
+            ray.shutdown()

@@ -54,20 +54,20 @@ def test_pruned_model_has_reference_gflops_at_640(name):
 
 
 @pytest.mark.parametrize("name", ["yolov9-t", "yolov9-s", "yolov9-m", "yolov9-c", "yolov9-e"])
-def test_pruned_output_equals_dual_eval_output_at_320(name):
+def test_pruned_output_equals_dual_eval_output(name):
+    # Non-square, and large enough that every level has more than one cell in each direction.
     model = with_random_statistics(build_model(name))
-    x = torch.rand(2, 3, 320, 320)
+    x = torch.rand(2, 3, 160, 224)
     with torch.no_grad():
         expected = model(x)
         got = prune(model)(x)
-    assert got.shape == expected.shape
+    assert got.shape == expected.shape == (2, 84, (20 * 28 + 10 * 14 + 5 * 7))
     assert (got - expected).abs().max().item() < 1e-3
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["yolov9-t", "yolov9-s", "yolov9-c", "yolov9-m", "yolov9-e"])
-def test_pruned_output_equals_dual_eval_output_at_640x480(name):
-    model = with_random_statistics(build_model(name), seed=1)
+def test_pruned_output_equals_dual_eval_output_at_640x480():
+    model = with_random_statistics(build_model("yolov9-c"), seed=1)
     x = torch.rand(1, 3, 480, 640)
     with torch.no_grad():
         expected = model(x)
