@@ -29,9 +29,12 @@ def free_port() -> int:
 
 
 def stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM the process group a test started (a server and what it spawned), SIGKILL if it hangs."""
+    """Interrupt the process group a test started (a server and what it spawned), SIGKILL if it hangs.
+
+    SIGINT, as Ctrl-C would: a blocking `ray start` shuts its node down in about 2 s on SIGINT but takes
+    over 30 s on SIGTERM."""
     if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, signal.SIGINT)
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
