@@ -364,3 +364,21 @@ def test_loaders_read_the_shard_writers_output(tiny_shards):
     )  # fmt: skip
     assert [tuple(images.shape) for images, _ in train] == [(4, 3, 128, 128)] * 2
     assert loader.stats() == train.stats() == {"corrupt_samples": 0, "shard_errors": 0}
+
+
+def test_batches_made_in_a_worker_process_equal_the_in_process_ones(tmp_path):
+    # A worker builds its batches in shared memory, the main process in ordinary memory; one worker
+    # reads the same share with the same random stream as the main process would.
+    manifest = read_manifest(write_split(tmp_path, [6]))
+
+    def batches(num_workers: int) -> list:
+        loader = make_train_loader(
+            manifest, batch_size=3, imgsz=64, rank=0, world_size=1, num_workers=num_workers, epoch=0,
+            seed=0, augment=AugmentConfig(), mosaic=True, steps_per_epoch=2,
+        )  # fmt: skip
+        return list(loader)
+
+    in_process, from_worker = batches(0), batches(1)
+    for (images_a, targets_a), (images_b, targets_b) in zip(in_process, from_worker, strict=True):
+        assert images_b.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(images_a, images_b) and torch.equal(targets_a, targets_b)
