@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +27,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_group(args: list[str], **popen: Any) -> subprocess.Popen:
+    """Start a server in a process group of its own, so that ``stop_group`` stops it and all it spawns.
+
+    SIGINT is reset to its default in the child: a shell starts background jobs (a CI runner's, say) with
+    SIGINT ignored, children inherit that, and a server that ignores SIGINT would not stop on it."""
+    return subprocess.Popen(args, start_new_session=True, preexec_fn=_default_sigint, **popen)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def stop_group(process: subprocess.Popen) -> None:

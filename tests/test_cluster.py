@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.registry import register
-from tests.conftest import free_port, stop_group
+from tests.conftest import free_port, start_group, stop_group
 
 pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow]
 
@@ -30,9 +30,7 @@ EPOCHS = 3
 
 
 def start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        args, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
-    )
+    return start_group(args, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
 def wait_for(condition, what: str, timeout: float = 120) -> None:

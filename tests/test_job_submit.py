@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.checkpoint import load_checkpoint
-from tests.conftest import free_port, stop_group
+from tests.conftest import free_port, start_group, stop_group
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -34,7 +34,7 @@ def ray_head(tmp_path):
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = free_port(), free_port()
     log = open(tmp_path / "ray-head.log", "w")
-    head = subprocess.Popen(
+    head = start_group(
         [
             str(BIN / "ray"),
             "start",
@@ -50,7 +50,6 @@ def ray_head(tmp_path):
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
-        start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
     try:

@@ -33,7 +33,7 @@ from pipeline.registry import (
 )
 from pipeline.tracking import experiment_id
 from pipeline.validate import evaluate_checkpoint
-from tests.conftest import free_port, stop_group
+from tests.conftest import free_port, start_group, stop_group
 from yolov9 import build_model, prune
 
 REPO = Path(__file__).resolve().parent.parent
@@ -420,13 +420,12 @@ def test_mlflow_models_serve_answers_a_posted_image(registry, tiny_shards, tmp_p
     command = ["mlflow", "models", "serve", "-m", "models:/yolov9-det@champion", "--env-manager", "local"]
     log = tmp_path / "serve.log"
     with log.open("wb") as err:
-        server = subprocess.Popen(
+        server = start_group(  # its own process group: the uvicorn worker it starts stops with it
             [sys.executable, "-m", *command, "-h", "127.0.0.1", "-p", str(port)],
             cwd=REPO,
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=err,
-            start_new_session=True,  # its own process group: the uvicorn worker it starts stops with it
         )
         try:
             _wait_until_up(port, server, log)
