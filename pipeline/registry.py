@@ -384,8 +384,7 @@ def register_source(
     num_workers: int = 0,
     map_tolerance: float = MAP_TOLERANCE,
 ) -> RegistrationResult:
-    """:func:`register` for an already resolved source."""
-    check_tracking_uri(tracking_uri)
+    """:func:`register` for an already resolved source (the caller has checked ``tracking_uri``)."""
     client = MlflowClient(tracking_uri)
     try:
         state = load_checkpoint(src.checkpoint)
@@ -522,6 +521,7 @@ def register_after_training(
 ) -> RegistrationResult:
     """The end-of-training hook (``mlflow.register: true``): register ``checkpoint_dir``, which training run
     ``run_id`` produced, logging the registration run into that run's experiment."""
+    check_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     run = client.get_run(run_id)
     return register_source(

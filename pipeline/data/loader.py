@@ -187,22 +187,6 @@ def shard_order(num_shards: int, seed: int, epoch: int, pass_index: int) -> list
 
 
 @dataclass(frozen=True)
-class _TrainSpec:
-    urls: tuple[str, ...]
-    shard_sizes: tuple[int, ...]
-    batch_size: int
-    imgsz: int
-    rank: int
-    world_size: int
-    epoch: int
-    seed: int
-    augment: AugmentConfig
-    mosaic: bool
-    steps: int
-    shuffle_buffer: int
-
-
-@dataclass(frozen=True)
 class _ValSpec:
     urls: tuple[str, ...]
     shard_sizes: tuple[int, ...]
@@ -210,6 +194,16 @@ class _ValSpec:
     imgsz: int
     rank: int
     world_size: int
+
+
+@dataclass(frozen=True)
+class _TrainSpec(_ValSpec):
+    epoch: int
+    seed: int
+    augment: AugmentConfig
+    mosaic: bool
+    steps: int
+    shuffle_buffer: int
 
 
 def _worker() -> tuple[int, int]:
