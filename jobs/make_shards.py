@@ -2,6 +2,7 @@
 
     python -m jobs.make_shards --format coco --source images/val2017 \
         --annotations annotations/instances_val2017.json --out shards/coco --split val --max-side 640
+    python -m jobs.make_shards --format yolo --data-yaml datasets/x/data.yaml --split val --out shards/x
     python -m jobs.make_shards --format yolo --source datasets/x/train --data-yaml x.yaml --out shards/x
     python -m jobs.make_shards --format voc --source VOC2012 --out shards/voc --workers 8
     python -m jobs.make_shards --format synthetic --out shards/synthetic --split val --num 64 --seed 1
@@ -22,15 +23,23 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("--source", type=Path, help="image dir (coco) or dataset root (yolo, voc)")
+    parser.add_argument(
+        "--source", type=Path, help="image dir (coco), dataset root (voc), images/ + labels/ root (yolo)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="shard directory")
-    parser.add_argument("--split", default="train", help="split name, e.g. train or val (default train)")
+    parser.add_argument(
+        "--split",
+        default="train",
+        help="split name (default train); yolo without --source reads it from --data-yaml",
+    )
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per tar (default 1000)")
     parser.add_argument("--max-side", type=int, help="downscale images whose longest side exceeds this (px)")
     parser.add_argument("--workers", type=int, default=1, help="image encoding processes (default 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace this split's existing shards")
     parser.add_argument("--annotations", type=Path, help="COCO instances JSON (coco)")
-    parser.add_argument("--data-yaml", type=Path, help="data YAML with class names (yolo)")
+    parser.add_argument(
+        "--data-yaml", type=Path, help="data YAML (yolo): names, and path + splits unless --source is given"
+    )
     parser.add_argument("--num", type=int, default=512, help="images (synthetic, default 512)")
     parser.add_argument(
         "--image-size", type=int, default=256, help="image side in px (synthetic, default 256)"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.data.manifest import DataError, Manifest
-from pipeline.data.readers import read_coco, read_voc, read_yolo
+from pipeline.data.readers import read_coco, read_voc, read_yolo, read_yolo_split
 from pipeline.data.synthetic import SYNTHETIC_CLASSES, synthetic_records
 from pipeline.data.writer import write_shards
 
@@ -29,7 +29,8 @@ def make_shards(
 ) -> Manifest:
     """Read ``source`` in ``dataset_format`` (one of FORMATS), write ``out/<split>-*.tar`` and the manifest.
 
-    ``source`` is the image directory (coco) or dataset root (yolo, voc); unused for synthetic, which
+    ``source`` is the image directory (coco) or dataset root (voc, one-folder yolo); without it, yolo reads
+    the split ``split`` of ``data_yaml`` (``read_yolo_split``). Unused for synthetic, which
     renders ``num`` images of ``image_size`` pixels from ``seed``. Raises DataError for missing inputs;
     see ``write_shards`` for the rest.
     """
@@ -39,7 +40,7 @@ def make_shards(
         info = {"format": "synthetic", "num": num, "image_size": image_size, "seed": seed}
         records, class_names, report = synthetic_records(num, image_size, seed), list(SYNTHETIC_CLASSES), None
     else:
-        if source is None:
+        if source is None and dataset_format != "yolo":
             raise DataError(f"format {dataset_format!r} needs a source directory (--source)")
         if dataset_format == "coco":
             if annotations is None:
@@ -47,8 +48,8 @@ def make_shards(
             found = read_coco(annotations, source)
         elif dataset_format == "yolo":
             if data_yaml is None:
-                raise DataError("format 'yolo' needs the data YAML with class names (--data-yaml)")
-            found = read_yolo(source, data_yaml)
+                raise DataError("format 'yolo' needs the data YAML (--data-yaml)")
+            found = read_yolo(source, data_yaml) if source is not None else read_yolo_split(data_yaml, split)
         else:
             found = read_voc(source)
         records, class_names, report, info = found.records, found.class_names, found.report, found.info
