@@ -167,7 +167,10 @@ def read_yolo(root: str | Path, data_yaml: str | Path) -> Source:
     images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     records = _yolo_records([(p, p.stem, p.name) for p in images], report)
     if not records and not report.counts:
-        raise DataError(f"{image_dir}: no .jpg/.jpeg/.png images found")
+        raise DataError(
+            f"{image_dir}: no .jpg/.jpeg/.png images found (for split folders such as images/train, "
+            "leave out --source and give --split: the data YAML's path and splits say where the images are)"
+        )
     info = {"format": "yolo", "root": str(root), "data_yaml": str(data_yaml), "polygons": "bounding_box"}
     return Source(class_names, records, report, info)
 
