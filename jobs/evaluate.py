@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from jobs.cli import run
 from pipeline.validate import evaluate_checkpoint
 
 
@@ -29,4 +30,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -11,11 +11,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from jobs.cli import run
 from pipeline.data.make import FORMATS, make_shards
-from pipeline.data.manifest import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,25 +45,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed (synthetic, default 0)")
     args = parser.parse_args(argv)
-    try:
-        manifest = make_shards(
-            args.format,
-            args.out,
-            args.split,
-            args.source,
-            args.shard_size,
-            args.max_side,
-            args.workers,
-            args.overwrite,
-            args.annotations,
-            args.data_yaml,
-            args.num,
-            args.image_size,
-            args.seed,
-        )
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    manifest = make_shards(
+        args.format,
+        args.out,
+        args.split,
+        args.source,
+        args.shard_size,
+        args.max_side,
+        args.workers,
+        args.overwrite,
+        args.annotations,
+        args.data_yaml,
+        args.num,
+        args.image_size,
+        args.seed,
+    )
     print(
         f"{manifest.num_samples} samples, {manifest.num_boxes} boxes, {len(manifest.shards)} shards -> "
         f"{manifest.path} (content hash {manifest.manifest_hash[:16]})"
@@ -73,4 +68,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

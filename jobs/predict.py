@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import cv2
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
+from jobs.cli import run
+from pipeline.data import DataError
 from pipeline.plots import draw_boxes
-from pipeline.tracking import resolve_tracking_uri
+from pipeline.tracking import TrackingError, resolve_tracking_uri
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 BATCH = 8
@@ -32,10 +34,10 @@ def list_images(source: str | Path) -> list[Path]:
     if source.is_file():
         return [source]
     if not source.is_dir():
-        raise FileNotFoundError(f"--source {source} is neither an image file nor a directory")
+        raise DataError(f"--source {source} is neither an image file nor a directory")
     images = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
-        raise FileNotFoundError(f"{source} holds no {'/'.join(IMAGE_SUFFIXES)} images")
+        raise DataError(f"{source} holds no {'/'.join(IMAGE_SUFFIXES)} images")
     return images
 
 
@@ -77,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     images = list_images(args.source)
     mlflow.set_tracking_uri(resolve_tracking_uri(args.tracking_uri))
-    model = mlflow.pyfunc.load_model(args.model)
+    try:
+        model = mlflow.pyfunc.load_model(args.model)
+    except MlflowException as e:
+        raise TrackingError(f"cannot load --model {args.model}: {e.message}") from e
     results = predict_files(model, images, args.out, args.conf, args.iou, args.max_det)
     (args.out / "detections.json").write_text(json.dumps(results, indent=1))
     total = sum(len(r["boxes"]) for r in results.values())
@@ -86,4 +91,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict
 
-from pipeline.registry import MAP_TOLERANCE, RegistrationError, register
-from pipeline.tracking import TrackingError, resolve_tracking_uri
+from jobs.cli import run
+from pipeline.registry import MAP_TOLERANCE, register
+from pipeline.tracking import resolve_tracking_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,23 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--promote", action="store_true", help="move the champion alias whatever the mAP")
     args = parser.parse_args(argv)
-    try:
-        result = register(
-            args.run,
-            args.name,
-            resolve_tracking_uri(args.tracking_uri),
-            promote=args.promote,
-            data_root=args.data,
-            experiment=args.experiment,
-            map_tolerance=args.map_tolerance,
-        )
-    except (RegistrationError, TrackingError) as e:
-        print(f"registration refused: {e}", file=sys.stderr)
-        return 2
+    result = register(
+        args.run,
+        args.name,
+        resolve_tracking_uri(args.tracking_uri),
+        promote=args.promote,
+        data_root=args.data,
+        experiment=args.experiment,
+        map_tolerance=args.map_tolerance,
+    )
     print(f"registered {result.model_uri} (run {result.logging_run_id})")
     print(json.dumps({"verification": asdict(result.verification), "tags": result.tags}, indent=2))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

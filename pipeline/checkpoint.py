@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from pipeline.errors import PipelineError
 from yolov9 import DetectionModel, build_model
 
 FORMAT = "yolov9-ray/training-checkpoint"
@@ -16,7 +17,7 @@ FILENAME = "checkpoint.pt"
 REQUIRED = ("model", "ema", "epoch", "step", "config", "best_map", "model_name", "num_classes")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PipelineError, ValueError):
     """A file that is not a readable checkpoint of this project."""
 
 

@@ -18,11 +18,12 @@ from typing import Any
 import yaml
 
 from pipeline.data.augment import AugmentConfig
+from pipeline.errors import PipelineError
 from yolov9.loss import ASSIGN_MODES
 from yolov9.model import MODEL_NAMES
 
 
-class ConfigError(ValueError):
+class ConfigError(PipelineError, ValueError):
     """A configuration problem, with the file and the dotted key it concerns."""
 
 

@@ -29,6 +29,7 @@ from pipeline.checkpoint import CheckpointError, ema_model, load_checkpoint
 from pipeline.data import DataError, Manifest, read_manifest
 from pipeline.data.loader import make_val_loader
 from pipeline.data.manifest import coco_json_path, manifest_path
+from pipeline.errors import PipelineError
 from pipeline.export import ExportError, check_onnx, check_torchscript, export_onnx, export_torchscript
 from pipeline.serving import (
     DEFAULT_PARAMS,
@@ -55,7 +56,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-class RegistrationError(RuntimeError):
+class RegistrationError(PipelineError, RuntimeError):
     """The source cannot be registered: no checkpoint, or a failed verification. Nothing was registered."""
 
 
@@ -77,8 +78,11 @@ class Verification:
     map50_95: float
     map50: float
     recorded_map50_95: float
-    onnx_max_abs_diff: float = 0.0
-    torchscript_max_abs_diff: float = 0.0
+    onnx_box_diff_px: float = 0.0
+    onnx_score_diff: float = 0.0
+    onnx_detections: int = 0
+    torchscript_box_diff_px: float = 0.0
+    torchscript_score_diff: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -268,22 +272,30 @@ def _val_setup(state: dict[str, Any], data_root: str | Path | None) -> tuple[Man
     return manifest, root, int(cfg["train"]["imgsz"])
 
 
+def first_val_images(state: dict[str, Any], data_root: str | Path | None, count: int = 8) -> torch.Tensor:
+    """The first ``count`` val images, letterboxed to the training size: uint8 ``(B, 3, S, S)``."""
+    manifest, _, imgsz = _val_setup(state, data_root)
+    images, _ = next(
+        iter(make_val_loader(manifest, batch_size=count, imgsz=imgsz, rank=0, world_size=1, num_workers=0))
+    )
+    return images.contiguous()
+
+
 def verify_checkpoint(
     state: dict[str, Any],
     dual: DetectionModel,
     pruned: DetectionModel,
+    images: torch.Tensor,
     data_root: str | Path | None,
     num_workers: int = 0,
     map_tolerance: float = MAP_TOLERANCE,
 ) -> Verification:
     """Both pre-registration checks on the checkpoint's val split (``data_root`` defaults to the training
-    config's). Raises RegistrationError on a mismatch."""
+    config's): outputs on ``images`` (uint8 (B, 3, S, S) val images) and the val mAP. Raises
+    RegistrationError on a mismatch."""
     manifest, root, imgsz = _val_setup(state, data_root)
     train_cfg = state["config"]["train"]
-    first_images, _ = next(
-        iter(make_val_loader(manifest, batch_size=8, imgsz=imgsz, rank=0, world_size=1, num_workers=0))
-    )
-    rel = verify_outputs(dual, pruned, first_images.float() / 255)
+    rel = verify_outputs(dual, pruned, images.float() / 255)
     recorded, _ = recorded_map(state)
     loader = make_val_loader(
         manifest, batch_size=16, imgsz=imgsz, rank=0, world_size=1, num_workers=num_workers
@@ -340,13 +352,9 @@ def _champion(client: MlflowClient, name: str) -> tuple[float | None, str | None
     return float(current.tags.get("map50_95", "-1")), current.tags.get("dataset.val_manifest_hash")
 
 
-def _example_image(state: dict[str, Any], data_root: str | Path | None) -> str:
-    """One val image, JPEG then base64 (the JSON form a serving client sends), for the input example."""
-    manifest, _, imgsz = _val_setup(state, data_root)
-    images, metas = next(
-        iter(make_val_loader(manifest, batch_size=1, imgsz=imgsz, rank=0, world_size=1, num_workers=0))
-    )
-    return base64.b64encode(encode_jpeg(images[0].permute(1, 2, 0).numpy(), quality=80)).decode()
+def _example_image(image: torch.Tensor) -> str:
+    """A uint8 (3, H, W) image as JPEG then base64 (the JSON form a serving client sends)."""
+    return base64.b64encode(encode_jpeg(image.permute(1, 2, 0).numpy(), quality=80)).decode()
 
 
 def register(
@@ -393,7 +401,8 @@ def register_source(
         raise RegistrationError(f"cannot register {src.checkpoint}: {e}") from e
     check_registrable(state, src.checkpoint)
     pruned = prune(dual)
-    verification = verify_checkpoint(state, dual, pruned, data_root, num_workers, map_tolerance)
+    images = first_val_images(state, data_root)
+    verification = verify_checkpoint(state, dual, pruned, images, data_root, num_workers, map_tolerance)
     imgsz = int(state["config"]["train"]["imgsz"])
     spec = ModelSpec(
         model_name=str(state["model_name"]),
@@ -402,18 +411,26 @@ def register_source(
         imgsz=imgsz,
     )
     tags = version_tags(state, pruned, verification, src, imgsz)
-    example = _example_image(state, data_root)
+    example = _example_image(images[0])
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        probe = torch.rand(2, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(0))
+        # real val images: the post-NMS comparison needs detections, which noise images do not give
+        probe = images.float() / 255
         try:
             onnx_file = export_onnx(pruned, d / "model.onnx", imgsz)
-            onnx_diff = check_onnx(pruned, onnx_file, probe)
+            onnx_check = check_onnx(pruned, onnx_file, probe)
             ts_file = export_torchscript(pruned, d / "model.torchscript.pt", imgsz)
-            ts_diff = check_torchscript(pruned, ts_file, probe)
+            ts_check = check_torchscript(pruned, ts_file, probe)
         except ExportError as e:
             raise RegistrationError(f"export check failed, nothing registered: {e}") from e
-        verification = replace(verification, onnx_max_abs_diff=onnx_diff, torchscript_max_abs_diff=ts_diff)
+        verification = replace(
+            verification,
+            onnx_box_diff_px=onnx_check.box_diff_px,
+            onnx_score_diff=onnx_check.score_diff,
+            onnx_detections=onnx_check.detections,
+            torchscript_box_diff_px=ts_check.box_diff_px,
+            torchscript_score_diff=ts_check.score_diff,
+        )
         weights = d / "pruned_state_dict.pt"
         torch.save(pruned.state_dict(), weights)
         spec_file = d / "model_spec.json"

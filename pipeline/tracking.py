@@ -17,18 +17,31 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from pipeline.errors import PipelineError
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 RUN_NAME_TAG = "ray.run_name"
 STORAGE_TAG = "ray.storage_path"
 
 
-class TrackingError(RuntimeError):
+class TrackingError(PipelineError, RuntimeError):
     """The MLflow tracking server or store cannot be used."""
 
 
 def resolve_tracking_uri(configured: str | None) -> str:
-    """The config's URI, else ``MLFLOW_TRACKING_URI``, else the local sqlite store."""
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """The config's URI, else ``MLFLOW_TRACKING_URI``, else the local sqlite store, with a relative sqlite
+    path made absolute against the current folder.
+
+    Call it on the driver: Ray Tune runs each trial in a working directory of its own (and a Ray Train
+    worker may run on another node), where a relative ``sqlite:///mlflow.db`` would open a new, empty
+    database instead of the user's.
+    """
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        # sqlite:///relative/path.db -> sqlite:////absolute/path.db (SQLAlchemy's four-slash form)
+        path, sep, query = uri.removeprefix("sqlite:///").partition("?")
+        uri = f"sqlite:///{Path(path).expanduser().resolve()}{sep}{query}"
+    return uri
 
 
 def check_tracking_uri(uri: str, timeout_s: float = 10.0) -> None:

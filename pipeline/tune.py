@@ -26,9 +26,11 @@ import yaml
 from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from ray import tune
+from ray.air.constants import EXPR_ERROR_FILE
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from pipeline.config import Config, ConfigError, apply_overrides, config_from_dict
+from pipeline.errors import PipelineError
 from pipeline.tracking import check_tracking_uri, experiment_id, flatten, resolve_tracking_uri
 from pipeline.train import fit
 from pipeline.train_job import ensure_ray, prepare_data
@@ -49,7 +51,7 @@ PARENT_TAG = "tune.name"
 STATUS_TAG = "trial.status"
 
 
-class SearchError(ValueError):
+class SearchError(PipelineError, ValueError):
     """A search that cannot start: bad space, unknown key, no room on the cluster."""
 
 
@@ -64,6 +66,8 @@ class TrialRow:
     status: str  # completed | stopped early | errored
     checkpoint: str | None
     mlflow_run_id: str | None
+    error: str | None = None  # the last line of the trial's error
+    error_file: str | None = None  # Ray Tune's error.txt of the trial (its whole traceback)
 
 
 def build_space(space: dict[str, Any], base: dict[str, Any], where: str = "tune.space") -> dict[str, Any]:
@@ -223,7 +227,16 @@ def run_search(cfg: Config) -> list[TrialRow]:
     results = tuner.fit()
     rows = _finalise_trials(client, exp_id, parent_id, results, cfg)
     _log_summary(client, parent_id, rows, cfg)
+    if rows and all(r.status == "errored" for r in rows):
+        raise SearchError(no_trial_finished(rows))
     return rows
+
+
+def no_trial_finished(rows: list[TrialRow]) -> str:
+    """One line for a search in which every trial errored: how many, where their errors are, the first one."""
+    files = [r.error_file for r in rows if r.error_file]
+    where = f"; error files: {', '.join(files)}" if files else ""
+    return f"no trial finished: {len(rows)} of {len(rows)} errored{where}; first error: {rows[0].error}"
 
 
 def _finalise_trials(
@@ -270,12 +283,27 @@ def _finalise_trials(
             if checkpoint:
                 client.set_tag(run.info.run_id, "best_checkpoint", checkpoint)
         name = trial_id or (run.data.tags.get("tune.trial_id") if run is not None else Path(result.path).name)
+        error_file = Path(result.path) / EXPR_ERROR_FILE
         rows.append(
             TrialRow(
-                name, params, best, epochs, status, checkpoint, run.info.run_id if run is not None else None
+                name,
+                params,
+                best,
+                epochs,
+                status,
+                checkpoint,
+                run.info.run_id if run is not None else None,
+                error=_last_line(result.error) if result.error is not None else None,
+                error_file=str(error_file) if result.error is not None and error_file.is_file() else None,
             )
         )
     return rows
+
+
+def _last_line(error: BaseException) -> str:
+    """The line of a (possibly wrapped, multi-line) exception that says what went wrong."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def _log_summary(client: MlflowClient, parent_id: str, rows: list[TrialRow], cfg: Config) -> None:

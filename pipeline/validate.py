@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.checkpoint import ema_model, load_checkpoint
-from pipeline.data import read_manifest
+from pipeline.data import DataError, read_manifest
 from pipeline.data.augment import letterbox_boxes
 from pipeline.data.loader import make_val_loader
 from pipeline.data.manifest import coco_json_path, manifest_path
@@ -119,7 +119,7 @@ def evaluate_checkpoint(
     cfg = state["config"]
     manifest = read_manifest(manifest_path(data_root, "val"))
     if list(manifest.class_names) != list(state["class_names"]):
-        raise ValueError(
+        raise DataError(
             f"{manifest.path} lists classes {manifest.class_names}, the checkpoint was trained on "
             f"{state['class_names']}"
         )

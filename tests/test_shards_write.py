@@ -329,7 +329,7 @@ def test_cli_writes_synthetic_shards(tmp_path: Path) -> None:
 
 def test_cli_data_error_exits_nonzero_with_one_line(coco_set: tuple[Path, Path], tmp_path: Path) -> None:
     result = run_cli("--format", "coco", "--source", str(coco_set[1]), "--out", str(tmp_path / "out"))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip() == "error: format 'coco' needs the instances JSON (--annotations)"
 
 

@@ -1,6 +1,7 @@
 """A real small search: Ray Tune trials that are Ray Train runs, ASHA, a failing trial, MLflow runs."""
 
 import csv
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -15,40 +16,43 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 AUX_WEIGHTS = [0.1, 1.0, 2.0, -1.0]
 
 
+def small_search(root, shards, name: str, space: str) -> list[str]:
+    """Overrides for a search of 1-worker trials of 2 epochs x 2 steps at 64 px over ``space``."""
+    return [
+        "model.name=yolov9-t",
+        f"data.root={shards}",
+        "data.num_workers=0",
+        "data.shuffle_buffer=8",
+        "train.epochs=2",
+        "train.batch_size=2",
+        "train.nominal_batch=2",
+        "train.imgsz=64",
+        "train.warmup_min_steps=1",
+        "train.steps_per_epoch=2",
+        "train.close_mosaic=0",
+        "ray.num_workers=1",
+        "ray.cpus_per_worker=1",
+        "ray.max_failures=0",
+        f"ray.storage_path={root / 'ray'}",
+        f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+        "mlflow.experiment=search",
+        f"tune.name={name}",
+        "tune.metric=train/total",
+        "tune.mode=min",
+        "tune.num_samples=1",
+        "tune.max_concurrent_trials=2",
+        "tune.scheduler=asha",
+        "tune.grace_period=1",
+        "tune.reduction_factor=2",
+        f"tune.space={space}",
+    ]
+
+
 @pytest.fixture(scope="module")
 def search(tmp_path_factory, tiny_shards, local_ray):
     root = tmp_path_factory.mktemp("search")
-    cfg = load_config(
-        None,
-        [
-            "model.name=yolov9-t",
-            f"data.root={tiny_shards}",
-            "data.num_workers=0",
-            "data.shuffle_buffer=8",
-            "train.epochs=2",
-            "train.batch_size=2",
-            "train.nominal_batch=2",
-            "train.imgsz=64",
-            "train.warmup_min_steps=1",
-            "train.steps_per_epoch=2",
-            "train.close_mosaic=0",
-            "ray.num_workers=1",
-            "ray.cpus_per_worker=1",
-            "ray.max_failures=0",
-            f"ray.storage_path={root / 'ray'}",
-            f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
-            "mlflow.experiment=search",
-            "tune.name=small",
-            "tune.metric=train/total",
-            "tune.mode=min",
-            "tune.num_samples=1",
-            "tune.max_concurrent_trials=2",
-            "tune.scheduler=asha",
-            "tune.grace_period=1",
-            "tune.reduction_factor=2",
-            f"tune.space={{loss.aux_weight: {{grid: {AUX_WEIGHTS}}}, loss.tal_topk: {{choice: [7, 13]}}}}",
-        ],
-    )
+    space = f"{{loss.aux_weight: {{grid: {AUX_WEIGHTS}}}, loss.tal_topk: {{choice: [7, 13]}}}}"
+    cfg = load_config(None, small_search(root, tiny_shards, "small", space))
     return cfg, run_search(cfg)
 
 
@@ -108,6 +112,25 @@ def test_rerunning_the_search_resumes_without_training_again(search):
     assert sorted((r.params["loss.aux_weight"], r.status) for r in again) == sorted(
         (r.params["loss.aux_weight"], r.status) for r in rows
     )
+
+
+def test_an_errored_trial_keeps_its_error_and_error_file(search):
+    _, rows = search
+    (errored,) = [r for r in rows if r.status == "errored"]
+    assert "loss weights must be >= 0" in errored.error
+    assert "loss weights must be >= 0" in Path(errored.error_file).read_text()
+
+
+def test_a_search_whose_every_trial_errors_fails_loudly(tmp_path, tiny_shards, local_ray):
+    cfg = load_config(
+        None, small_search(tmp_path, tiny_shards, "all-fail", "{loss.aux_weight: {grid: [-1.0]}}")
+    )
+    with pytest.raises(
+        SearchError,
+        match=r"no trial finished: 1 of 1 errored; error files: .*error\.txt; "
+        r"first error: .*loss weights must be >= 0",
+    ):
+        run_search(cfg)
 
 
 def test_an_unknown_search_key_fails_before_any_trial():

@@ -16,12 +16,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import PipelineError
+
 FORMAT = "yolov9-ray-shards/1"
 REQUIRED_KEYS = ("format", "split", "class_names", "shards", "source", "settings")
 SHARD_KEYS = ("name", "samples", "boxes", "sha256")
 
 
-class DataError(ValueError):
+class DataError(PipelineError, ValueError):
     """Input data that cannot be turned into (or read as) this project's shards; the message names it."""
 
 

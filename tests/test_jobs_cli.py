@@ -1,0 +1,85 @@
+"""Every job, typed with a user's mistake, exits non-zero with one `error: ...` line and no traceback."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs.cli import USER_ERROR_EXIT
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def job(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m jobs.<args>`` in ``cwd`` (the repository on the path, as an installed package is)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, expected: str) -> None:
+    assert result.returncode == USER_ERROR_EXIT, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last, result.stderr[-2000:]
+
+
+def test_train_with_a_missing_config_file(tmp_path):
+    assert_one_line_error(
+        job("jobs.train", "--config", "nope.yaml", cwd=tmp_path), "config file nope.yaml does not exist"
+    )
+
+
+def test_train_with_an_impossible_value(tmp_path):
+    assert_one_line_error(job("jobs.train", "train.epochs=0", cwd=tmp_path), "train.epochs must be >= 1")
+
+
+def test_train_with_an_unreachable_tracking_server(tmp_path, tiny_shards):
+    uri = f"http://127.0.0.1:{free_port()}"
+    result = job("jobs.train", f"data.root={tiny_shards}", f"mlflow.tracking_uri={uri}", cwd=tmp_path)
+    assert_one_line_error(result, f"MLflow tracking server {uri} is unreachable")
+
+
+def test_tune_with_an_unknown_search_key(tmp_path):
+    result = job("jobs.tune", "tune.space={loss.aux_wieght: {uniform: [0.1, 1.0]}}", cwd=tmp_path)
+    assert_one_line_error(result, "tune.space.loss.aux_wieght is not a usable config key")
+
+
+def test_evaluate_a_missing_checkpoint(tmp_path, tiny_shards):
+    result = job("jobs.evaluate", "--checkpoint", "gone", "--data", str(tiny_shards), cwd=tmp_path)
+    assert_one_line_error(result, "no checkpoint at gone")
+
+
+def test_register_an_unknown_source(tmp_path):
+    assert_one_line_error(
+        job("jobs.register", "--run", "no-such-experiment", cwd=tmp_path), "no-such-experiment"
+    )
+
+
+def test_predict_from_an_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = job(
+        "jobs.predict", "--model", "models:/m@champion", "--source", "empty", "--out", "o", cwd=tmp_path
+    )
+    assert_one_line_error(result, "empty holds no")
+
+
+def test_predict_with_a_model_that_is_not_registered(tmp_path, tiny_shards):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(b"\xff\xd8 not really decoded before the model loads")
+    result = job(
+        "jobs.predict", "--model", "models:/absent@champion", "--source", "images", "--out", "o", cwd=tmp_path
+    )
+    assert_one_line_error(result, "cannot load --model models:/absent@champion")
+
+
+@pytest.mark.parametrize("module", ["train", "tune", "evaluate", "register", "predict", "make_shards"])
+def test_every_job_runs_through_the_cli_wrapper(module):
+    source = (REPO / "jobs" / f"{module}.py").read_text()
+    assert source.rstrip().endswith('if __name__ == "__main__":\n    run(main)')
