@@ -1,9 +1,13 @@
 """Shared fixtures: a small synthetic shard set on disk and one local Ray instance pinned to 127.0.0.1."""
 
+import json
 import os
 import signal
 import socket
 import subprocess
+import tarfile
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +84,33 @@ def local_ray():
         yield ray
         if started:
             ray.shutdown()
+
+
+def val_jpegs(shards: Path, out: Path) -> dict[str, int]:
+    """The val images of a shard set written as JPEG files (their shard bytes) -> {file name: image_id}."""
+    out.mkdir()
+    ids = {}
+    for tar_path in sorted(shards.glob("val-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            for name, member in members.items():
+                if name.endswith(".jpg"):
+                    meta = json.loads(tar.extractfile(members[name[:-4] + ".json"]).read())
+                    (out / name).write_bytes(tar.extractfile(member).read())
+                    ids[name] = int(meta["image_id"])
+    return ids
+
+
+def wait_until_serving(
+    port: int, server: subprocess.Popen, log: Path, timeout_s: float = 120, path: str = "/ping"
+) -> None:
+    """Return once a server on 127.0.0.1:``port`` answers ``path``; fail with its log if it dies."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2):
+                return
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"server did not come up: {log.read_text()[-2000:]}") from None
+            time.sleep(1)

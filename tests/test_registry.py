@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from pipeline.registry import (
 )
 from pipeline.tracking import experiment_id
 from pipeline.validate import evaluate_checkpoint
-from tests.conftest import free_port, start_group, stop_group
+from tests.conftest import free_port, start_group, stop_group, val_jpegs, wait_until_serving
 from yolov9 import build_model, prune
 
 REPO = Path(__file__).resolve().parent.parent
@@ -323,23 +322,6 @@ def test_onnx_and_torchscript_files_are_logged(registry):
     assert names == {"export/model.onnx", "export/model.torchscript.pt"}
 
 
-def _val_jpegs(shards: Path, out: Path) -> dict[str, int]:
-    """The val images as JPEG files (their shard bytes) -> {file name: image_id}."""
-    import tarfile
-
-    out.mkdir()
-    ids = {}
-    for tar_path in sorted(shards.glob("val-*.tar")):
-        with tarfile.open(tar_path) as tar:
-            members = {m.name: m for m in tar.getmembers()}
-            for name, member in members.items():
-                if name.endswith(".jpg"):
-                    meta = json.loads(tar.extractfile(members[name[:-4] + ".json"]).read())
-                    (out / name).write_bytes(tar.extractfile(member).read())
-                    ids[name] = int(meta["image_id"])
-    return ids
-
-
 @pytest.mark.slow
 @pytest.mark.mlflow
 def test_champion_predicts_in_a_fresh_process_like_the_evaluator(registry, tiny_shards, checkpoint, tmp_path):
@@ -351,7 +333,7 @@ def test_champion_predicts_in_a_fresh_process_like_the_evaluator(registry, tiny_
     from yolov9.postprocess import non_max_suppression
 
     uri, _, _, _ = registry
-    ids = _val_jpegs(tiny_shards, tmp_path / "images")
+    ids = val_jpegs(tiny_shards, tmp_path / "images")
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     subprocess.run(
         [
@@ -396,23 +378,11 @@ def test_champion_predicts_in_a_fresh_process_like_the_evaluator(registry, tiny_
             )  # a reference box within half a pixel
 
 
-def _wait_until_up(port: int, server: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
-                return
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"server did not come up: {log.read_text()[-2000:]}") from None
-            time.sleep(1)
-
-
 @pytest.mark.slow
 @pytest.mark.mlflow
 def test_mlflow_models_serve_answers_a_posted_image(registry, tiny_shards, tmp_path):
     uri, _, _, _ = registry
-    jpeg = (tmp_path / "images" / sorted(_val_jpegs(tiny_shards, tmp_path / "images"))[0]).read_bytes()
+    jpeg = (tmp_path / "images" / sorted(val_jpegs(tiny_shards, tmp_path / "images"))[0]).read_bytes()
     port = free_port()
     # mlflow runs `uvicorn` from PATH: the one next to this interpreter
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -428,7 +398,7 @@ def test_mlflow_models_serve_answers_a_posted_image(registry, tiny_shards, tmp_p
             stderr=err,
         )
         try:
-            _wait_until_up(port, server, log)
+            wait_until_serving(port, server, log)
             body = {
                 "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(jpeg).decode()]]},
                 "params": {"conf": 0.0001, "max_det": 7},

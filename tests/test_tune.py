@@ -122,13 +122,13 @@ def test_an_errored_trial_keeps_its_error_and_error_file(search):
 
 
 def test_a_search_whose_every_trial_errors_fails_loudly(tmp_path, tiny_shards, local_ray):
-    cfg = load_config(
-        None, small_search(tmp_path, tiny_shards, "all-fail", "{loss.aux_weight: {grid: [-1.0]}}")
-    )
+    # a model file that passes the config check (a .yaml path) but that no trial can build
+    space = "{model.name: {grid: [no-such-model.yaml]}}"
+    cfg = load_config(None, small_search(tmp_path, tiny_shards, "all-fail", space))
     with pytest.raises(
         SearchError,
         match=r"no trial finished: 1 of 1 errored; error files: .*error\.txt; "
-        r"first error: .*loss weights must be >= 0",
+        r"first error: .*no-such-model\.yaml",
     ):
         run_search(cfg)
 
