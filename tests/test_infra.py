@@ -707,6 +707,12 @@ def test_ray_pods_log_in_to_mlflow_with_credentials_from_a_secret(where: str, po
             assert env[var]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-auth", "key": key}, where
 
 
+def test_mlflow_admin_password_example_is_long_enough_for_mlflow() -> None:
+    # MLflow's basic-auth app refuses to create its admin with a password under 12 characters.
+    password = base64.b64decode(_by_kind(STACK, "Secret")["mlflow-auth"]["data"]["password"]).decode()
+    assert len(password) >= 12
+
+
 def _kustomization_env_files() -> list[Path]:
     kustomization = yaml.safe_load((KUBERAY / "kustomization.yaml").read_text())
     return [KUBERAY / env for gen in kustomization["secretGenerator"] for env in gen["envs"]]
