@@ -2,5 +2,14 @@
 
 from yolov9.model import MODEL_NAMES, DetectionModel, build_model
 from yolov9.prune import fuse, prune
+from yolov9.reference import ReferenceInfo, load_reference_checkpoint
 
-__all__ = ["MODEL_NAMES", "DetectionModel", "build_model", "fuse", "prune"]
+__all__ = [
+    "MODEL_NAMES",
+    "DetectionModel",
+    "ReferenceInfo",
+    "build_model",
+    "fuse",
+    "load_reference_checkpoint",
+    "prune",
+]
