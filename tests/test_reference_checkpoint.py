@@ -399,3 +399,28 @@ def test_a_convolution_with_another_stride_does_not_fit(reference_modules, tmp_p
     torch.save({"model": record}, path)
     with pytest.raises(ReferenceLayoutError, match=r"layer 0 .*conv\.stride is \(1, 1\), expected \(2, 2\)"):
         load_reference_checkpoint(path)
+
+
+def test_names_from_the_reference_modules_are_recorded_never_called(reference_modules, tmp_path):
+    marker = tmp_path / "marker"
+
+    def touch(path: str) -> None:
+        Path(path).touch()
+
+    touch.__module__, touch.__qualname__ = "models.common", "touch"
+    sys.modules["models.common"].touch = touch
+    path = tmp_path / "calls.pt"
+    torch.save({"model": CallsReferenceFunction(touch, marker)}, path)
+    record = load_inert(path)["model"]
+    assert (type(record).pickled_class, record.args) == ("models.common.touch", (str(marker),))
+    assert not marker.exists()
+
+
+class CallsReferenceFunction:
+    """Unpickling this calls ``function(marker)``."""
+
+    def __init__(self, function, marker: Path) -> None:
+        self.function, self.marker = function, marker
+
+    def __reduce__(self):
+        return self.function, (str(self.marker),)

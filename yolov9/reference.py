@@ -110,7 +110,8 @@ def _pickled_model(content: Any, path: Path) -> tuple[InertRecord, str]:
             return content[key], key
     raise ReferenceLayoutError(
         f"{path}: no pickled reference model under 'ema' or 'model' "
-        f"(keys: {sorted(map(str, content))}, model: {content.get('model')!r})"
+        f"with a 'yaml' layer list (keys: {sorted(map(str, content))}, "
+        f"'model' is {type(content.get('model')).__name__})"
     )
 
 
@@ -135,7 +136,9 @@ def _file_layer_specs(spec: Any, path: Path) -> list[LayerSpec]:
     for key in ("depth_multiple", "width_multiple"):
         if spec.get(key, 1.0) != 1.0:
             raise ReferenceLayoutError(f"{where}: {key} {spec[key]!r}; only unscaled layouts (1.0) are known")
-    rows = {part: [_normalise_row(r) for r in spec.get(part) or []] for part in ("backbone", "head")}
+    if not all(isinstance(spec.get(part), list) and spec[part] for part in ("backbone", "head")):
+        raise ReferenceLayoutError(f"{where}: unrecognised layout: no 'backbone' and 'head' layer lists")
+    rows = {part: [_normalise_row(r) for r in spec[part]] for part in ("backbone", "head")}
     try:
         return parse_layers(rows, where)
     except ValueError as e:
