@@ -295,8 +295,8 @@ def load_inert(path: str | Path) -> Any:
             return _load_zip(path)
         if head.startswith(b"\x80"):
             return _load_legacy(path)
-    except (UnsafeCheckpointError, CheckpointFormatError):
-        raise
+    except (UnsafeCheckpointError, CheckpointFormatError) as e:
+        raise type(e)(f"{path}: {e}") from None
     except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, struct.error) as e:
         raise CheckpointFormatError(f"{path}: truncated or corrupt checkpoint ({e})") from e
     except (AttributeError, IndexError, KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -321,31 +321,25 @@ def _load_zip(path: Path) -> Any:
         names = archive.namelist()
         pickles = [n for n in names if n.endswith("data.pkl") and n.count("/") <= 1]
         if len(pickles) != 1:
-            raise CheckpointFormatError(
-                f"{path}: a torch zip checkpoint holds one data.pkl, found {len(pickles)}"
-            )
+            raise CheckpointFormatError(f"a torch zip checkpoint holds one data.pkl, found {len(pickles)}")
         prefix = pickles[0][: -len("data.pkl")]
         if f"{prefix}byteorder" in names:
             order = archive.read(f"{prefix}byteorder").decode("ascii", "replace").strip()
             if order != sys.byteorder:
-                raise CheckpointFormatError(
-                    f"{path}: written {order}-endian, this machine is {sys.byteorder}"
-                )
+                raise CheckpointFormatError(f"written {order}-endian, this machine is {sys.byteorder}")
         storages: dict[str, torch.Tensor] = {}
 
         def load_storage(storage_type: _StorageType, key: str, numel: int) -> torch.Tensor:
             if key not in storages:
                 record = f"{prefix}data/{key}"
                 if record not in names:
-                    raise CheckpointFormatError(f"{path}: storage {key!r} is missing from the archive")
+                    raise CheckpointFormatError(f"storage {key!r} is missing from the archive")
                 nbytes = numel * _element_size(storage_type.dtype)
                 if archive.getinfo(record).file_size < nbytes:
-                    raise CheckpointFormatError(
-                        f"{path}: storage {key!r} is shorter than its {numel} elements"
-                    )
+                    raise CheckpointFormatError(f"storage {key!r} is shorter than its {numel} elements")
                 storages[key] = _storage_tensor(archive.read(record), storage_type.dtype, numel)
             if storages[key].dtype != storage_type.dtype:
-                raise CheckpointFormatError(f"{path}: storage {key!r} is used with two element types")
+                raise CheckpointFormatError(f"storage {key!r} is used with two element types")
             return storages[key]
 
         with archive.open(pickles[0]) as data:
@@ -357,40 +351,36 @@ def _load_legacy(path: Path) -> Any:
     size = path.stat().st_size
 
     def no_storages(storage_type: _StorageType, key: str, numel: int) -> torch.Tensor:
-        raise CheckpointFormatError(f"{path}: storage reference outside the object pickle")
+        raise CheckpointFormatError("storage reference outside the object pickle")
 
     with open(path, "rb") as f:
         if RestrictedUnpickler(f, no_storages).load() != LEGACY_MAGIC_NUMBER:
-            raise CheckpointFormatError(
-                f"{path}: a pickle, but not a torch checkpoint (no torch magic number)"
-            )
+            raise CheckpointFormatError("a pickle, but not a torch checkpoint (no torch magic number)")
         protocol = RestrictedUnpickler(f, no_storages).load()
         if protocol != LEGACY_PROTOCOL_VERSION:
-            raise CheckpointFormatError(f"{path}: unsupported legacy torch protocol {protocol!r}")
+            raise CheckpointFormatError(f"unsupported legacy torch protocol {protocol!r}")
         sys_info = RestrictedUnpickler(f, no_storages).load()
         if isinstance(sys_info, dict) and sys_info.get("little_endian") is not (sys.byteorder == "little"):
-            raise CheckpointFormatError(f"{path}: written with a byte order other than this machine's")
+            raise CheckpointFormatError("written with a byte order other than this machine's")
         storages: dict[str, torch.Tensor] = {}
 
         def allocate(storage_type: _StorageType, key: str, numel: int) -> torch.Tensor:
             if key not in storages:
                 if numel * _element_size(storage_type.dtype) > size:
-                    raise CheckpointFormatError(f"{path}: storage {key!r} is larger than the file")
+                    raise CheckpointFormatError(f"storage {key!r} is larger than the file")
                 storages[key] = torch.empty(numel, dtype=storage_type.dtype)
             return storages[key]
 
         result = RestrictedUnpickler(f, allocate).load()
         keys = RestrictedUnpickler(f, no_storages).load()
         if not isinstance(keys, list) or set(map(str, keys)) != set(storages):
-            raise CheckpointFormatError(
-                f"{path}: the storage list does not match the storages the object uses"
-            )
+            raise CheckpointFormatError("the storage list does not match the storages the object uses")
         for key in keys:
             storage = storages[str(key)]
             (numel,) = struct.unpack("=q", f.read(8))
             raw = f.read(storage.numel() * storage.element_size())
             if numel != storage.numel() or len(raw) != storage.numel() * storage.element_size():
-                raise CheckpointFormatError(f"{path}: storage {key!r} is truncated or of the wrong size")
+                raise CheckpointFormatError(f"storage {key!r} is truncated or of the wrong size")
             if raw:
                 storage.view(torch.uint8).copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
         return result
