@@ -25,6 +25,8 @@ from yolov9.safe_unpickle import InertRecord, load_inert
 DETECT_BLOCKS = ("DDetect", "DualDDetect")
 IDENTITY_BLOCKS = ("Silence",)
 INPUT = -1  # a canonical source that is the input image
+# Module settings that change the output but not any tensor's shape, checked against the file's.
+_SETTINGS = {nn.Conv2d: ("stride", "padding", "dilation", "groups"), nn.BatchNorm2d: ("eps",)}
 
 
 class ReferenceLayoutError(ValueError):
@@ -262,8 +264,7 @@ def _settings_differences(ours: nn.Module, record: InertRecord) -> list[str]:
     our_modules = dict(ours.named_modules())
     for where, module in _record_modules(record).items():
         mine = our_modules.get(where)
-        keys = {nn.Conv2d: ("stride", "padding", "dilation", "groups"), nn.BatchNorm2d: ("eps",)}
-        for kind, names in keys.items():
+        for kind, names in _SETTINGS.items():
             if isinstance(mine, kind) and module.pickled_class.endswith("." + kind.__name__):
                 for key in names:
                     theirs = module.attributes.get(key)
@@ -282,6 +283,7 @@ def _load_layers(
     layout: str,
     path: Path,
 ) -> None:
+    """Copy each file layer's tensors into its counterpart; every mismatch is collected, then reported."""
     state: dict[str, torch.Tensor] = {}
     problems = []
     parameter_free = set(range(len(records))) - set(file_to_ours)
