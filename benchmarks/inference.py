@@ -85,7 +85,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.checkpoint:
         state = load_checkpoint(args.checkpoint)
-        dual, args.model = ema_model(state), state["model_name"]
+        dual, args.model = ema_model(state), state.model_name
     else:
         dual = build_model(args.model, num_classes=80).eval()
     pruned = prune(dual)

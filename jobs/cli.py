@@ -1,8 +1,11 @@
 """What every job does around its one call: log lines to the terminal (or the Ray job log), and a user's
-mistake reported as one line with a non-zero exit code instead of a traceback."""
+mistake reported as one line with a non-zero exit code instead of a traceback. Also the ``yolov9-ray``
+console script: ``yolov9-ray train|tune|register|predict|evaluate|make-shards ...`` is
+``python -m jobs.<command> ...``."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from collections.abc import Callable
@@ -29,3 +32,19 @@ def run(main: Callable[[], int | None]) -> None:
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+COMMANDS = ("train", "tune", "register", "predict", "evaluate", "make-shards")
+
+
+def main() -> None:
+    """The ``yolov9-ray`` console script."""
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(
+            f"usage: yolov9-ray {{{','.join(COMMANDS)}}} [options]  (--help after a command)", file=sys.stderr
+        )
+        sys.exit(USER_ERROR_EXIT)
+    command = sys.argv.pop(1)
+    sys.argv[0] = f"yolov9-ray {command}"
+    job = importlib.import_module(f"jobs.{command.replace('-', '_')}")
+    run(job.main)

@@ -1,6 +1,7 @@
 """Train YOLOv9 on Ray Train.
 
 python -m jobs.train                                   # the demo: synthetic data, local Ray
+python -m jobs.train --local                           # the same in this one process, no Ray, no DDP
 python -m jobs.train --config CONFIG.yaml train.epochs=3 loss.aux_weight=0.5
 ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.train --config CONFIG.yaml
 """
@@ -24,9 +25,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--config", type=Path, default=DEMO_CONFIG, help="experiment YAML (default: the demo)"
     )
+    parser.add_argument(
+        "--local",
+        action="store_true",
+        help="train in this process without Ray (one worker, no DDP): for debugging and notebooks",
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
-    summary = run_training(load_config(args.config, args.overrides))
+    summary = run_training(load_config(args.config, args.overrides), local=args.local)
     print(
         f"\nbest mAP@0.5:0.95 {summary.best_map50_95:.4f}, mAP@0.5 {summary.best_map50:.4f} "
         f"after {summary.epochs} epochs"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -14,26 +15,71 @@ from yolov9 import DetectionModel, build_model
 FORMAT = "yolov9-ray/training-checkpoint"
 VERSION = 1
 FILENAME = "checkpoint.pt"
-REQUIRED = ("model", "ema", "epoch", "step", "config", "best_map", "model_name", "num_classes")
 
 
 class CheckpointError(PipelineError, ValueError):
     """A file that is not a readable checkpoint of this project."""
 
 
-def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``directory/checkpoint.pt`` atomically (a reader never sees half a file)."""
-    missing = [k for k in REQUIRED if k not in state]
-    if missing:
-        raise ValueError(f"checkpoint state lacks {missing}")
+@dataclass
+class TrainingCheckpoint:
+    """What a training run saves after an epoch: enough to resume it exactly, and what evaluation and
+    registration read. Tensors and plain data only, so ``torch.load(weights_only=True)`` reads it.
+
+    On disk it is the dict of :meth:`to_state_dict` (these fields plus ``format`` and ``version``).
+    """
+
+    model: dict[str, torch.Tensor]  # the trained (not averaged) weights
+    ema: dict[str, Any]  # {"model": EMA state dict, "updates": EMA updates so far}
+    epoch: int  # epochs completed
+    step: int  # micro-batch steps completed (the LR schedule's clock)
+    config: dict[str, Any]  # the run's Config.to_dict()
+    best_map: float  # best val mAP@0.5:0.95 so far
+    model_name: str
+    num_classes: int
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    scaler: dict[str, Any] = field(default_factory=dict)
+    class_names: list[str] = field(default_factory=list)
+    manifest_hash: str = ""
+    val_manifest_hash: str = ""
+    history: list[dict[str, float]] = field(default_factory=list)  # one metrics dict per epoch so far
+    metrics: dict[str, float] = field(default_factory=dict)  # this epoch's
+
+    def to_state_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+    @classmethod
+    def from_state_dict(cls, state: Any, where: str | Path = "checkpoint") -> TrainingCheckpoint:
+        """Raise CheckpointError naming ``where`` unless ``state`` is this project's checkpoint layout."""
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise CheckpointError(f"{where} is not a yolov9-ray training checkpoint (no '{FORMAT}' marker)")
+        if state.get("version") != VERSION:
+            raise CheckpointError(
+                f"{where} has checkpoint version {state.get('version')}, expected {VERSION}"
+            )
+        names = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        missing = sorted(required - set(state))
+        unknown = sorted(set(state) - names - {"format", "version"})
+        if missing or unknown:
+            raise CheckpointError(f"{where} lacks {missing} / has unknown keys {unknown}")
+        return cls(**{k: v for k, v in state.items() if k in names})
+
+    def train_image_size(self) -> int:
+        """The image side (pixels) the run trained and validated at."""
+        return int(self.config["train"]["imgsz"])
+
+
+def save_checkpoint(directory: str | Path, checkpoint: TrainingCheckpoint) -> Path:
+    """Write ``directory/checkpoint.pt`` atomically (a reader never sees half a file)."""
     path = Path(directory) / FILENAME
     tmp = path.with_suffix(".tmp")
-    torch.save({"format": FORMAT, "version": VERSION, **state}, tmp)
+    torch.save(checkpoint.to_state_dict(), tmp)
     os.replace(tmp, path)
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> TrainingCheckpoint:
     """Load a checkpoint file, or the ``checkpoint.pt`` inside a checkpoint directory.
 
     Raises CheckpointError naming the file for anything that is not this project's checkpoint:
@@ -51,21 +97,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path} is not a loadable checkpoint (corrupt, or it holds pickled objects that "
             f"weights_only loading refuses): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         ) from e
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a yolov9-ray training checkpoint (no '{FORMAT}' marker)")
-    if state.get("version") != VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {state.get('version')}, expected {VERSION}")
-    missing = [k for k in REQUIRED if k not in state]
-    if missing:
-        raise CheckpointError(f"{path} lacks {missing}")
-    return state
+    return TrainingCheckpoint.from_state_dict(state, path)
 
 
-def ema_model(state: dict[str, Any]) -> DetectionModel:
+def ema_model(checkpoint: TrainingCheckpoint) -> DetectionModel:
     """The dual (training) model of a checkpoint with its EMA weights, in eval mode."""
-    model = build_model(state["model_name"], num_classes=int(state["num_classes"]))
+    model = build_model(checkpoint.model_name, num_classes=int(checkpoint.num_classes))
     try:
-        model.load_state_dict(state["ema"]["model"])
+        model.load_state_dict(checkpoint.ema["model"])
     except RuntimeError as e:
-        raise CheckpointError(f"the checkpoint's EMA weights do not fit {state['model_name']}: {e}") from e
+        raise CheckpointError(f"the checkpoint's EMA weights do not fit {checkpoint.model_name}: {e}") from e
     return model.eval()
+
+
+@dataclass(frozen=True)
+class RunCheckpoints:
+    """A finished run's checkpoints, loaded: the latest (what a rerun resumes) and the best by val mAP."""
+
+    latest_path: str | None
+    latest: TrainingCheckpoint | None
+    best_path: str | None
+    best: TrainingCheckpoint | None

@@ -81,6 +81,7 @@ class TrainConfig:
     val_conf: float = 0.001
     val_iou: float = 0.7
     val_max_det: int = 300
+    progress_every_s: float = 30.0  # a progress line every N seconds within an epoch (0: none)
 
 
 @dataclass
@@ -175,6 +176,11 @@ def _convert(value: Any, annotation: Any, key: str, where: str) -> Any:
         raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
     if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+    if annotation is str and isinstance(value, bool):
+        raise ConfigError(
+            f"{where}: {key} must be a str, got {value!r} (YAML reads on/off/yes/no unquoted as true/false: "
+            f"write it in quotes, e.g. {key}='off')"
+        )
     if annotation in (float, str) and not isinstance(value, annotation):
         raise ConfigError(f"{where}: {key} must be a {annotation.__name__}, got {value!r}")
     return value
@@ -218,6 +224,7 @@ def _check_values(cfg: Config, where: str) -> None:
         (t.close_mosaic >= 0, "train.close_mosaic", "must be >= 0"),
         (t.amp in ("auto", "bf16", "fp16", "off"), "train.amp", "must be auto, bf16, fp16 or off"),
         (t.val_every >= 1, "train.val_every", "must be >= 1"),
+        (t.progress_every_s >= 0, "train.progress_every_s", "must be >= 0"),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1"),
         (t.steps_per_epoch is None or t.steps_per_epoch >= 1, "train.steps_per_epoch", "must be >= 1"),
         (d.num_workers >= 0, "data.num_workers", "must be >= 0"),

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
-from yolov9.postprocess import box_iou, non_max_suppression
+from yolov9.postprocess import non_max_suppression, pairwise_iou
 
 # Has every op these models use (SiLU as Sigmoid*Mul, Resize, Softmax); onnxruntime >= 1.17 runs it.
 OPSET = 18
@@ -172,7 +172,7 @@ def _mismatch(det: torch.Tensor, others: torch.Tensor) -> str:
     same_class = others[others[:, 5] == det[5]]
     if not len(same_class):
         return "no detection of that class"
-    iou = box_iou(det[None, :4], same_class[:, :4])[0]
+    iou = pairwise_iou(det[None, :4], same_class[:, :4])[0]
     best = same_class[int(iou.argmax())]
     side_px = float((best[:4] - det[:4]).abs().max())
     score = abs(float(best[4] - det[4]))
@@ -186,7 +186,7 @@ def _suppressed(det: torch.Tensor, kept: torch.Tensor) -> bool:
     same_class = kept[kept[:, 5] == det[5]]
     if not len(same_class):
         return False
-    iou = box_iou(det[None, :4], same_class[:, :4])[0]
+    iou = pairwise_iou(det[None, :4], same_class[:, :4])[0]
     return bool(((iou > DETECTION_IOU) & (same_class[:, 4] >= det[4] - SCORE_ATOL)).any())
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 import tempfile
 from dataclasses import asdict, dataclass, replace
@@ -24,8 +25,8 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline import serving
-from pipeline.checkpoint import CheckpointError, ema_model, load_checkpoint
+from pipeline import names, serving
+from pipeline.checkpoint import CheckpointError, TrainingCheckpoint, ema_model, load_checkpoint
 from pipeline.data import DataError, Manifest, read_manifest
 from pipeline.data.loader import make_val_loader
 from pipeline.data.manifest import coco_json_path, manifest_path
@@ -44,9 +45,8 @@ from pipeline.validate import evaluate_distributed
 from yolov9 import DetectionModel, prune
 from yolov9.profile import count_parameters, gflops
 
+log = logging.getLogger(__name__)
 CHAMPION = "champion"
-MAP_KEY = "val/map50_95"  # pipeline.train.MAP_KEY, not imported: that module pulls in Ray
-BEST_CHECKPOINT_TAG = "best_checkpoint"
 DEFAULT_EXPERIMENT = "yolov9-registry"
 # Pruning only re-associates float32 sums (BN folding, RepConvN merge); 1e-4 of the output scale is generous
 # for that and far below any change a real bug makes.
@@ -61,7 +61,7 @@ class RegistrationError(PipelineError, RuntimeError):
 
 
 @dataclass(frozen=True)
-class Source:
+class CheckpointSource:
     """Where a checkpoint came from: its directory and, when known, the MLflow run that produced it."""
 
     checkpoint: Path
@@ -101,19 +101,20 @@ class RegistrationResult:
     version: str
     model_uri: str
     logging_run_id: str
-    source: Source
+    source: CheckpointSource
     verification: Verification
     promotion: Promotion
     tags: dict[str, str]
 
 
-def resolve_source(source: str | Path, client: MlflowClient) -> Source:
+def resolve_source(source: str | Path, client: MlflowClient) -> CheckpointSource:
     """A checkpoint path, an MLflow run id (its ``best_checkpoint`` tag) or an experiment name (its
     most recent run carrying a ``best_checkpoint`` tag, parent runs first: a tune experiment's parent
-    run points at the best trial's checkpoint) -> Source. RegistrationError when it is none of these."""
+    run points at the best trial's checkpoint) -> CheckpointSource. RegistrationError when it is none of
+    these."""
     text = str(source)
     if Path(text).exists():
-        return Source(checkpoint=Path(text))
+        return CheckpointSource(checkpoint=Path(text))
     if _RUN_ID.match(text):
         try:
             run = client.get_run(text)
@@ -129,58 +130,54 @@ def resolve_source(source: str | Path, client: MlflowClient) -> Source:
         )
     runs = client.search_runs(
         [experiment.experiment_id],
-        filter_string=f"tags.{BEST_CHECKPOINT_TAG} LIKE '%'",
+        filter_string=f"tags.{names.BEST_CHECKPOINT_TAG} LIKE '%'",
         order_by=["attributes.start_time DESC"],
     )
     if not runs:
         raise RegistrationError(
-            f"experiment {text!r} has no run with a '{BEST_CHECKPOINT_TAG}' tag (unfinished?)"
+            f"experiment {text!r} has no run with a '{names.BEST_CHECKPOINT_TAG}' tag (unfinished?)"
         )
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    parents = [r for r in runs if names.PARENT_RUN_TAG not in r.data.tags]
     return _source_of_run((parents or runs)[0])
 
 
-def _source_of_run(run: Any) -> Source:
-    path = run.data.tags.get(BEST_CHECKPOINT_TAG)
+def _source_of_run(run: Any) -> CheckpointSource:
+    path = run.data.tags.get(names.BEST_CHECKPOINT_TAG)
     if not path:
         raise RegistrationError(
-            f"run {run.info.run_id} has no '{BEST_CHECKPOINT_TAG}' tag: did its training finish?"
+            f"run {run.info.run_id} has no '{names.BEST_CHECKPOINT_TAG}' tag: did its training finish?"
         )
-    return Source(
+    return CheckpointSource(
         checkpoint=Path(path),
         run_id=run.info.run_id,
         experiment_id=run.info.experiment_id,
-        ray_job_id=run.data.tags.get("ray.job_id"),
+        ray_job_id=run.data.tags.get(names.RAY_JOB_TAG),
     )
 
 
-def check_registrable(state: dict[str, Any], where: str | Path) -> None:
+def check_registrable(state: TrainingCheckpoint, where: str | Path) -> None:
     """Raise RegistrationError naming what is missing when a loadable checkpoint lacks what registration reads
-    (class names, the training config's image size, data root and loss settings)."""
-    cfg = state.get("config")
-    missing = [k for k in ("class_names", "history") if k not in state]
-    if not isinstance(cfg, dict):
-        missing.append("config")
-    else:
-        missing += [
-            f"config.{s}.{k}"
-            for s, k in (("train", "imgsz"), ("data", "root"), ("loss", "tal_topk"))
-            if k not in (cfg.get(s) or {})
-        ]
+    (class names, history, the training config's image size, data root and loss settings)."""
+    missing = [k for k in ("class_names", "history") if not getattr(state, k)]
+    missing += [
+        f"config.{s}.{k}"
+        for s, k in (("train", "imgsz"), ("data", "root"), ("loss", "tal_topk"))
+        if k not in (state.config.get(s) or {})
+    ]
     if missing:
         raise RegistrationError(f"{where} lacks {missing}: not a checkpoint of this project's training")
 
 
-def recorded_map(state: dict[str, Any]) -> tuple[float, float]:
+def recorded_map(state: TrainingCheckpoint) -> tuple[float, float]:
     """(mAP@0.5:0.95, mAP@0.5) recorded for the checkpoint's own epoch."""
-    epoch = int(state["epoch"])
-    entries = [h for h in state.get("history", []) if int(h.get("epoch", -1)) == epoch]
-    metrics = entries[-1] if entries else state.get("metrics") or {}
-    if MAP_KEY not in metrics:
+    epoch = int(state.epoch)
+    entries = [h for h in state.history if int(h.get(names.EPOCH, -1)) == epoch]
+    metrics = entries[-1] if entries else state.metrics
+    if names.MAP not in metrics:
         raise RegistrationError(
-            f"the checkpoint (epoch {epoch}) records no {MAP_KEY}: it was never validated"
+            f"the checkpoint (epoch {epoch}) records no {names.MAP}: it was never validated"
         )
-    return float(metrics[MAP_KEY]), float(metrics.get("val/map50", float("nan")))
+    return float(metrics[names.MAP]), float(metrics.get(names.MAP50, float("nan")))
 
 
 def max_relative_difference(expected: torch.Tensor, got: torch.Tensor) -> float:
@@ -251,28 +248,27 @@ def decide_promotion(
     )
 
 
-def _val_setup(state: dict[str, Any], data_root: str | Path | None) -> tuple[Manifest, Path, int]:
+def _val_setup(state: TrainingCheckpoint, data_root: str | Path | None) -> tuple[Manifest, Path, int]:
     """The val manifest the checkpoint was validated on, its root, and the training image size (pixels)."""
-    cfg = state["config"]
-    root = Path(data_root or cfg["data"]["root"])
+    root = Path(data_root or state.config["data"]["root"])
     try:
         manifest = read_manifest(manifest_path(root, "val"))
     except (DataError, OSError) as e:
         raise RegistrationError(f"cannot read the val shards of {root} for verification: {e}") from e
-    expected = state.get("val_manifest_hash")
+    expected = state.val_manifest_hash
     if expected and manifest.manifest_hash != expected:
         raise RegistrationError(
             f"{manifest.path} (hash {manifest.manifest_hash}) is not the val split the "
             f"checkpoint was validated on (hash {expected})"
         )
-    if list(manifest.class_names) != list(state.get("class_names", manifest.class_names)):
+    if list(manifest.class_names) != list(state.class_names):
         raise RegistrationError(
-            f"{manifest.path} lists classes {manifest.class_names}, the checkpoint {state['class_names']}"
+            f"{manifest.path} lists classes {manifest.class_names}, the checkpoint {state.class_names}"
         )
-    return manifest, root, int(cfg["train"]["imgsz"])
+    return manifest, root, state.train_image_size()
 
 
-def first_val_images(state: dict[str, Any], data_root: str | Path | None, count: int = 8) -> torch.Tensor:
+def first_val_images(state: TrainingCheckpoint, data_root: str | Path | None, count: int = 8) -> torch.Tensor:
     """The first ``count`` val images, letterboxed to the training size: uint8 ``(B, 3, S, S)``."""
     manifest, _, imgsz = _val_setup(state, data_root)
     images, _ = next(
@@ -282,7 +278,7 @@ def first_val_images(state: dict[str, Any], data_root: str | Path | None, count:
 
 
 def verify_checkpoint(
-    state: dict[str, Any],
+    state: TrainingCheckpoint,
     dual: DetectionModel,
     pruned: DetectionModel,
     images: torch.Tensor,
@@ -294,7 +290,7 @@ def verify_checkpoint(
     config's): outputs on ``images`` (uint8 (B, 3, S, S) val images) and the val mAP. Raises
     RegistrationError on a mismatch."""
     manifest, root, imgsz = _val_setup(state, data_root)
-    train_cfg = state["config"]["train"]
+    train_cfg = state.config["train"]
     rel = verify_outputs(dual, pruned, images.float() / 255)
     recorded, _ = recorded_map(state)
     loader = make_val_loader(
@@ -320,27 +316,31 @@ def verify_checkpoint(
 
 
 def version_tags(
-    state: dict[str, Any], pruned: DetectionModel, verification: Verification, source: Source, imgsz: int
+    state: TrainingCheckpoint,
+    pruned: DetectionModel,
+    verification: Verification,
+    source: CheckpointSource,
+    imgsz: int,
 ) -> dict[str, str]:
     """The facts a registered version carries (all strings, as MLflow stores tags)."""
-    loss = state["config"].get("loss", {})
+    loss = state.config.get("loss", {})
     return {
         "map50_95": f"{verification.map50_95:.6f}",
         "map50": f"{verification.map50:.6f}",
         "params": str(count_parameters(pruned)),
         "gflops": f"{gflops(pruned, imgsz, imgsz):.4f}",
         "imgsz": str(imgsz),
-        "model_name": str(state["model_name"]),
-        "class_names": json.dumps(list(state.get("class_names", []))),
-        "dataset.manifest_hash": str(state.get("manifest_hash", "")),
-        "dataset.val_manifest_hash": str(state.get("val_manifest_hash", "")),
+        "model_name": state.model_name,
+        "class_names": json.dumps(list(state.class_names)),
+        names.MANIFEST_HASH_TAG: state.manifest_hash,
+        names.VAL_MANIFEST_HASH_TAG: state.val_manifest_hash,
         "loss.aux_weight": str(loss.get("aux_weight", "")),
         "loss.lead_weight": str(loss.get("lead_weight", "")),
         "loss.tal_topk": str(loss.get("tal_topk", "")),
         "source_run_id": source.run_id or "",
-        "ray.job_id": source.ray_job_id or "",
+        names.RAY_JOB_TAG: source.ray_job_id or "",
         "checkpoint": str(source.checkpoint),
-        "epoch": str(state["epoch"]),
+        "epoch": str(state.epoch),
     }
 
 
@@ -349,7 +349,7 @@ def _champion(client: MlflowClient, name: str) -> tuple[float | None, str | None
         current = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None, None  # no registered model yet, or no version holds the alias
-    return float(current.tags.get("map50_95", "-1")), current.tags.get("dataset.val_manifest_hash")
+    return float(current.tags.get("map50_95", "-1")), current.tags.get(names.VAL_MANIFEST_HASH_TAG)
 
 
 def _example_image(image: torch.Tensor) -> str:
@@ -361,6 +361,7 @@ def register(
     source: str | Path,
     name: str,
     tracking_uri: str,
+    *,
     promote: bool = False,
     data_root: str | Path | None = None,
     experiment: str | None = None,
@@ -378,14 +379,22 @@ def register(
     check_tracking_uri(tracking_uri)
     src = resolve_source(source, MlflowClient(tracking_uri))
     return register_source(
-        src, name, tracking_uri, promote, data_root, experiment, num_workers, map_tolerance
+        src,
+        name,
+        tracking_uri,
+        promote=promote,
+        data_root=data_root,
+        experiment=experiment,
+        num_workers=num_workers,
+        map_tolerance=map_tolerance,
     )
 
 
 def register_source(
-    src: Source,
+    src: CheckpointSource,
     name: str,
     tracking_uri: str,
+    *,
     promote: bool = False,
     data_root: str | Path | None = None,
     experiment: str | None = None,
@@ -403,11 +412,11 @@ def register_source(
     pruned = prune(dual)
     images = first_val_images(state, data_root)
     verification = verify_checkpoint(state, dual, pruned, images, data_root, num_workers, map_tolerance)
-    imgsz = int(state["config"]["train"]["imgsz"])
+    imgsz = state.train_image_size()
     spec = ModelSpec(
-        model_name=str(state["model_name"]),
-        num_classes=int(state["num_classes"]),
-        class_names=[str(c) for c in state["class_names"]],
+        model_name=state.model_name,
+        num_classes=int(state.num_classes),
+        class_names=[str(c) for c in state.class_names],
         imgsz=imgsz,
     )
     tags = version_tags(state, pruned, verification, src, imgsz)
@@ -454,7 +463,7 @@ def _log_and_register(
     client: MlflowClient,
     tracking_uri: str,
     name: str,
-    src: Source,
+    src: CheckpointSource,
     experiment: str | None,
     tags: dict[str, str],
     verification: Verification,
@@ -498,7 +507,7 @@ def _log_and_register(
                 if e.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
             decision = decide_promotion(
-                current_map, current_hash, verification.map50_95, tags["dataset.val_manifest_hash"], force
+                current_map, current_hash, verification.map50_95, tags[names.VAL_MANIFEST_HASH_TAG], force
             )
             # model_id: an HTTP tracking server only accepts a logged-model source with its id
             version = client.create_model_version(
@@ -510,7 +519,7 @@ def _log_and_register(
             )
             if decision.promote:
                 client.set_registered_model_alias(name, CHAMPION, version.version)
-            print(f"{name} version {version.version}: {decision.reason}", flush=True)
+            log.info("%s version %s: %s", name, version.version, decision.reason)
     finally:
         mlflow.set_tracking_uri(previous_uri)
     return RegistrationResult(
@@ -534,7 +543,7 @@ def _requirements() -> list[str]:
 
 
 def register_after_training(
-    checkpoint_dir: str | Path, run_id: str, tracking_uri: str, model_name: str, promote: bool = False
+    checkpoint_dir: str | Path, run_id: str, tracking_uri: str, model_name: str, *, promote: bool = False
 ) -> RegistrationResult:
     """The end-of-training hook (``mlflow.register: true``): register ``checkpoint_dir``, which training run
     ``run_id`` produced, logging the registration run into that run's experiment."""
@@ -542,13 +551,13 @@ def register_after_training(
     client = MlflowClient(tracking_uri)
     run = client.get_run(run_id)
     return register_source(
-        Source(
+        CheckpointSource(
             checkpoint=Path(checkpoint_dir),
             run_id=run_id,
             experiment_id=run.info.experiment_id,
-            ray_job_id=run.data.tags.get("ray.job_id"),
+            ray_job_id=run.data.tags.get(names.RAY_JOB_TAG),
         ),
         model_name,
         tracking_uri,
-        promote,
+        promote=promote,
     )

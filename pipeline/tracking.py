@@ -1,14 +1,16 @@
 """MLflow tracking of a training run: reachability check, run creation/resumption, metrics, artifacts.
 
 The run is created on the driver before any worker starts (an unreachable server fails the job at
-once). Per-epoch metrics are logged by pipeline.train.MlflowEpochLogger, a Ray Train callback on the
-controller, once per persisted report, so a restarted worker group neither loses nor duplicates an epoch.
+once). Per-epoch metrics are logged with ``log_epoch_metrics``: by pipeline.train.MlflowEpochLogger, a Ray
+Train callback on the controller, once per persisted report (a restarted worker group neither loses nor
+duplicates an epoch), or by the local run after each epoch.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,11 +19,10 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from pipeline import names
 from pipeline.errors import PipelineError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-RUN_NAME_TAG = "ray.run_name"
-STORAGE_TAG = "ray.storage_path"
 
 
 class TrackingError(PipelineError, RuntimeError):
@@ -86,18 +87,32 @@ def start_or_resume_run(
     """The id of the unfinished MLflow run of this Ray run (same name and storage), or a new one."""
     client = MlflowClient(uri)
     exp_id = experiment_id(client, uri, experiment)
-    query = f"tags.`{RUN_NAME_TAG}` = '{run_name}' and tags.`{STORAGE_TAG}` = '{storage_path}'"
+    query = f"tags.`{names.RUN_NAME_TAG}` = '{run_name}' and tags.`{names.STORAGE_TAG}` = '{storage_path}'"
     for run in client.search_runs([exp_id], filter_string=query, order_by=["attributes.start_time DESC"]):
         if run.info.status != "FINISHED":
             client.update_run(run.info.run_id, status="RUNNING")
             return run.info.run_id
     run = client.create_run(
-        exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, STORAGE_TAG: storage_path, **tags}
+        exp_id,
+        run_name=run_name,
+        tags={names.RUN_NAME_TAG: run_name, names.STORAGE_TAG: storage_path, **tags},
     )
     items = [mlflow.entities.Param(k, str(v)) for k, v in flatten(params).items()]
     for i in range(0, len(items), 100):  # the server takes at most 100 params per batch
         client.log_batch(run.info.run_id, params=items[i : i + 100])
     return run.info.run_id
+
+
+def log_epoch_metrics(uri: str, run_id: str, metrics: dict[str, Any]) -> None:
+    """One epoch's numeric metrics, logged at step = ``metrics["epoch"]``."""
+    epoch = int(metrics.get(names.EPOCH, 0))
+    now_ms = int(time.time() * 1000)
+    values = [
+        mlflow.entities.Metric(k, float(v), now_ms, epoch)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and k != names.EPOCH
+    ]
+    MlflowClient(uri).log_batch(run_id, metrics=values)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -15,6 +15,7 @@ A search space in the config maps dotted keys to one domain each::
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import tempfile
 from dataclasses import dataclass
@@ -29,12 +30,14 @@ from ray import tune
 from ray.air.constants import EXPR_ERROR_FILE
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from pipeline import names
 from pipeline.config import Config, ConfigError, apply_overrides, config_from_dict
 from pipeline.errors import PipelineError
 from pipeline.tracking import check_tracking_uri, experiment_id, flatten, resolve_tracking_uri
-from pipeline.train import fit
-from pipeline.train_job import ensure_ray, prepare_data
+from pipeline.train import ensure_ray, fit
+from pipeline.train_job import prepare_data
 
+log = logging.getLogger(__name__)
 DEFAULT_SPACE: dict[str, dict[str, list]] = {
     "loss.aux_weight": {"uniform": [0.1, 1.0]},
     "loss.lead_weight": {"uniform": [0.25, 1.0]},
@@ -47,8 +50,6 @@ DOMAINS = {
     "choice": tune.choice,
     "grid": tune.grid_search,
 }
-PARENT_TAG = "tune.name"
-STATUS_TAG = "trial.status"
 
 
 class SearchError(PipelineError, ValueError):
@@ -104,9 +105,9 @@ def _trial(config: dict[str, Any]) -> None:
         config["experiment_id"],
         run_name=run_name,
         tags={
-            "mlflow.parentRunId": config["parent_run_id"],
-            "tune.trial_id": context.get_trial_id(),
-            STATUS_TAG: "running",
+            names.PARENT_RUN_TAG: config["parent_run_id"],
+            names.TRIAL_ID_TAG: context.get_trial_id(),
+            names.TRIAL_STATUS_TAG: "running",
         },
     )
     run_id = run.info.run_id
@@ -115,7 +116,7 @@ def _trial(config: dict[str, Any]) -> None:
         cfg = trial_config(config["base"], params, run_name)
         fit(cfg, tracking=(config["tracking_uri"], run_id), callbacks=[TuneReportCallback()])
     except BaseException:
-        client.set_tag(run_id, STATUS_TAG, "errored")
+        client.set_tag(run_id, names.TRIAL_STATUS_TAG, "errored")
         client.set_terminated(run_id, status="FAILED")
         raise
 
@@ -170,13 +171,13 @@ def _parent_run(client: MlflowClient, cfg: Config, resuming: bool) -> tuple[str,
     """(experiment id, run id) of the search's parent run: the latest of this search when resuming, or new."""
     exp_id = experiment_id(client, client.tracking_uri, cfg.mlflow.experiment)
     if resuming:
-        query = f"tags.`{PARENT_TAG}` = '{cfg.tune.name}'"
+        query = f"tags.`{names.SEARCH_TAG}` = '{cfg.tune.name}'"
         for run in client.search_runs([exp_id], filter_string=query, order_by=["attributes.start_time DESC"]):
             return exp_id, run.info.run_id
     run = client.create_run(
         exp_id,
         run_name=cfg.tune.name,
-        tags={PARENT_TAG: cfg.tune.name, "ray.storage_path": cfg.ray.storage_path},
+        tags={names.SEARCH_TAG: cfg.tune.name, names.STORAGE_TAG: cfg.ray.storage_path},
     )
     items = [_param(k, v) for k, v in flatten(cfg.to_dict()).items()]
     for i in range(0, len(items), 100):
@@ -208,7 +209,7 @@ def run_search(cfg: Config) -> list[TrialRow]:
         "parent_run_id": parent_id,
     }
     if resuming:
-        print(f"resuming the search in {path}", flush=True)
+        log.info("resuming the search in %s", path)
         tuner = tune.Tuner.restore(path, trainable, param_space=param_space, resume_errored=False)
     else:
         tuner = tune.Tuner(
@@ -244,13 +245,13 @@ def _finalise_trials(
 ) -> list[TrialRow]:
     """Statuses from Tune's view of each trial (the trial itself cannot record that ASHA stopped it)."""
     runs = client.search_runs(
-        [exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10000
+        [exp_id], filter_string=f"tags.`{names.PARENT_RUN_TAG}` = '{parent_id}'", max_results=10000
     )
     rows = []
     for result in results:
         params = dict((result.config or {}).get("params", {}))
         trial_id = (result.metrics or {}).get("trial_id")
-        run = next((r for r in runs if trial_id and r.data.tags.get("tune.trial_id") == trial_id), None)
+        run = next((r for r in runs if trial_id and r.data.tags.get(names.TRIAL_ID_TAG) == trial_id), None)
         if run is None:  # a trial that failed before its first report: match it by its parameters
             run = next((r for r in runs if r.data.params == {k: str(v) for k, v in params.items()}), None)
         if not params and run is not None:  # Tune does not restore the config of an errored trial
@@ -278,11 +279,13 @@ def _finalise_trials(
             )
             checkpoint = str(ranked["checkpoint_path"].iloc[0]) if len(ranked) else None
         if run is not None:
-            client.set_tag(run.info.run_id, STATUS_TAG, status)
+            client.set_tag(run.info.run_id, names.TRIAL_STATUS_TAG, status)
             client.set_terminated(run.info.run_id, status="FAILED" if status == "errored" else "FINISHED")
             if checkpoint:
-                client.set_tag(run.info.run_id, "best_checkpoint", checkpoint)
-        name = trial_id or (run.data.tags.get("tune.trial_id") if run is not None else Path(result.path).name)
+                client.set_tag(run.info.run_id, names.BEST_CHECKPOINT_TAG, checkpoint)
+        name = trial_id or (
+            run.data.tags.get(names.TRIAL_ID_TAG) if run is not None else Path(result.path).name
+        )
         error_file = Path(result.path) / EXPR_ERROR_FILE
         rows.append(
             TrialRow(
@@ -308,7 +311,7 @@ def _last_line(error: BaseException) -> str:
 
 def _log_summary(client: MlflowClient, parent_id: str, rows: list[TrialRow], cfg: Config) -> None:
     keys = sorted({k for r in rows for k in r.params})
-    print(format_table(rows, keys), flush=True)
+    log.info("%s", format_table(rows, keys))
     with tempfile.TemporaryDirectory() as d:
         table = Path(d) / "trials.csv"
         with open(table, "w", newline="") as f:
@@ -338,7 +341,7 @@ def _log_summary(client: MlflowClient, parent_id: str, rows: list[TrialRow], cfg
                 )
             )
             client.log_artifact(parent_id, str(best_cfg))
-            client.set_tag(parent_id, "best_checkpoint", best.checkpoint)
+            client.set_tag(parent_id, names.BEST_CHECKPOINT_TAG, best.checkpoint)
             client.set_tag(parent_id, "best_trial", best.trial)
             client.log_metric(parent_id, "best/" + cfg.tune.metric.replace("/", "_"), best.best_map)
     client.set_terminated(parent_id, status="FINISHED")

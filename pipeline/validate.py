@@ -17,11 +17,11 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.checkpoint import ema_model, load_checkpoint
+from pipeline.coco_eval import coco_map, detections_from_predictions
 from pipeline.data import DataError, read_manifest
 from pipeline.data.augment import letterbox_boxes
 from pipeline.data.loader import make_val_loader
 from pipeline.data.manifest import coco_json_path, manifest_path
-from pipeline.evaluate import coco_map, detections_from_predictions
 from pipeline.plots import draw_boxes, image_grid
 from yolov9.postprocess import non_max_suppression
 
@@ -116,18 +116,17 @@ def evaluate_checkpoint(
     """COCO mAP of a training checkpoint's EMA main branch on the val shards of ``data_root``
     (``imgsz`` defaults to the training image size)."""
     state = load_checkpoint(checkpoint)
-    cfg = state["config"]
     manifest = read_manifest(manifest_path(data_root, "val"))
-    if list(manifest.class_names) != list(state["class_names"]):
+    if list(manifest.class_names) != list(state.class_names):
         raise DataError(
             f"{manifest.path} lists classes {manifest.class_names}, the checkpoint was trained on "
-            f"{state['class_names']}"
+            f"{state.class_names}"
         )
     model = ema_model(state).to(device)
     loader = make_val_loader(
         manifest,
         batch_size=batch_size,
-        imgsz=imgsz or cfg["train"]["imgsz"],
+        imgsz=imgsz or state.train_image_size(),
         rank=0,
         world_size=1,
         num_workers=num_workers,

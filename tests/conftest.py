@@ -63,7 +63,7 @@ def local_ray():
     """A local Ray instance for the whole session, shut down by the session that started it."""
     import ray
 
-    from pipeline.train_job import LOCAL_RAY_TRAIN_ENV
+    from pipeline.train import LOCAL_RAY_TRAIN_ENV
 
     started = not ray.is_initialized()
     with pytest.MonkeyPatch.context() as env:

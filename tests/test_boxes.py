@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from yolov9.boxes import bbox2dist, box_ciou, box_giou, box_iou, dist2bbox
+from yolov9.boxes import aligned_iou, bbox2dist, box_ciou, box_giou, dist2bbox
 
 A = torch.tensor([0.0, 0.0, 2.0, 2.0])
 SHIFTED = torch.tensor([1.0, 0.0, 3.0, 2.0])  # same shape, moved right by 1
@@ -14,11 +14,11 @@ WIDER = torch.tensor([0.0, 0.0, 4.0, 2.0])  # same left edge, twice as wide
 
 def test_iou_of_half_overlapping_squares_is_one_third():
     # intersection 1x2 = 2, union 4 + 4 - 2 = 6
-    assert box_iou(A, SHIFTED).item() == pytest.approx(1 / 3, abs=1e-6)
+    assert aligned_iou(A, SHIFTED).item() == pytest.approx(1 / 3, abs=1e-6)
 
 
 def test_identical_boxes_have_iou_giou_ciou_one():
-    for fn in (box_iou, box_giou, box_ciou):
+    for fn in (aligned_iou, box_giou, box_ciou):
         assert fn(A, A).item() == pytest.approx(1.0, abs=1e-6)
 
 

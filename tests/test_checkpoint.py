@@ -5,22 +5,22 @@ import pickle
 import pytest
 import torch
 
-from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import CheckpointError, TrainingCheckpoint, load_checkpoint, save_checkpoint
 from yolov9 import build_model
 
 
-def minimal_state() -> dict:
+def minimal_state() -> TrainingCheckpoint:
     model = build_model("gelan-t", num_classes=2)
-    return {
-        "model": model.state_dict(),
-        "ema": {"model": model.state_dict(), "updates": 3},
-        "epoch": 2,
-        "step": 40,
-        "config": {"train": {"epochs": 5}},
-        "best_map": 0.25,
-        "model_name": "gelan-t",
-        "num_classes": 2,
-    }
+    return TrainingCheckpoint(
+        model=model.state_dict(),
+        ema={"model": model.state_dict(), "updates": 3},
+        epoch=2,
+        step=40,
+        config={"train": {"epochs": 5}},
+        best_map=0.25,
+        model_name="gelan-t",
+        num_classes=2,
+    )
 
 
 def test_saved_checkpoint_loads_with_weights_only(tmp_path):
@@ -31,8 +31,8 @@ def test_saved_checkpoint_loads_with_weights_only(tmp_path):
 
 def test_directory_or_file_path_both_load(tmp_path):
     path = save_checkpoint(tmp_path, minimal_state())
-    assert load_checkpoint(tmp_path)["step"] == 40
-    assert load_checkpoint(path)["best_map"] == 0.25
+    assert load_checkpoint(tmp_path).step == 40
+    assert load_checkpoint(path).best_map == 0.25
 
 
 def test_missing_checkpoint_names_the_path(tmp_path):
@@ -69,11 +69,32 @@ def test_truncated_checkpoint_is_refused(tmp_path):
         load_checkpoint(path)
 
 
-def test_saving_incomplete_state_is_an_error(tmp_path):
-    state = minimal_state()
+def test_a_state_dict_missing_a_field_is_refused_naming_it():
+    state = minimal_state().to_state_dict()
     del state["ema"]
-    with pytest.raises(ValueError, match="ema"):
-        save_checkpoint(tmp_path, state)
+    with pytest.raises(CheckpointError, match="lacks \\['ema'\\]"):
+        TrainingCheckpoint.from_state_dict(state)
+
+
+def test_a_state_dict_with_an_unknown_key_is_refused_naming_it():
+    state = {**minimal_state().to_state_dict(), "optimiser": {}}
+    with pytest.raises(CheckpointError, match="unknown keys \\['optimiser'\\]"):
+        TrainingCheckpoint.from_state_dict(state)
+
+
+def test_a_checkpoint_round_trips_every_field(tmp_path):
+    state = minimal_state()
+    state.history = [{"epoch": 1.0, "val/map50_95": 0.2}]
+    state.class_names = ["a", "b"]
+    loaded = load_checkpoint(save_checkpoint(tmp_path, state))
+    assert loaded.history == state.history and loaded.class_names == ["a", "b"]
+    assert all(torch.equal(loaded.model[k], v) for k, v in state.model.items())
+
+
+def test_a_checkpoint_of_another_version_is_refused(tmp_path):
+    torch.save({**minimal_state().to_state_dict(), "version": 99}, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="version 99, expected 1"):
+        load_checkpoint(tmp_path)
 
 
 def test_plain_pickle_is_refused(tmp_path):

@@ -202,7 +202,7 @@ def test_training_survives_losing_a_node(tmp_path, tiny_shards, two_nodes, mlflo
 
     log = (tmp_path / "two-nodes.log").read_text()
     latest = max((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
-    assert [h["epoch"] for h in load_checkpoint(latest)["history"]] == list(range(1, EPOCHS + 1))
+    assert [h["epoch"] for h in load_checkpoint(latest).history] == list(range(1, EPOCHS + 1))
     assert epochs_logged(mlflow_server, "two-nodes") == list(range(1, EPOCHS + 1)), log[-2000:]
     artifacts = {
         a.path

@@ -86,3 +86,8 @@ def test_missing_file_and_invalid_yaml_are_reported(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "train: [unclosed\n"))
+
+
+def test_an_unquoted_off_for_a_text_key_says_to_quote_it():
+    with pytest.raises(ConfigError, match="train.amp must be a str, got False .*train.amp='off'"):
+        load_config(None, ["train.amp=off"])

@@ -125,7 +125,7 @@ def test_ray_job_submit_trains_checkpoints_and_tracks(tmp_path, tiny_shards, ray
     assert re.search(rf"{job_id}.*succeeded", status.stdout, re.IGNORECASE), status.stdout
 
     checkpoints = sorted(p for p in (tmp_path / "ray" / "submitted").glob("checkpoint_*") if p.is_dir())
-    assert checkpoints and load_checkpoint(checkpoints[-1])["epoch"] == 1
+    assert checkpoints and load_checkpoint(checkpoints[-1]).epoch == 1
     client = MlflowClient(f"sqlite:///{db}")
     (run,) = client.search_runs([client.get_experiment_by_name("submit").experiment_id])
     assert run.info.status == "FINISHED"

@@ -83,3 +83,21 @@ def test_predict_with_a_model_that_is_not_registered(tmp_path, tiny_shards):
 def test_every_job_runs_through_the_cli_wrapper(module):
     source = (REPO / "jobs" / f"{module}.py").read_text()
     assert source.rstrip().endswith('if __name__ == "__main__":\n    run(main)')
+
+
+def test_the_console_script_runs_the_same_jobs(tmp_path):
+    script = Path(sys.executable).parent / "yolov9-ray"
+    result = subprocess.run(
+        [str(script), "train", "--config", "nope.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert_one_line_error(result, "config file nope.yaml does not exist")
+
+
+def test_the_console_script_lists_its_commands(tmp_path):
+    result = subprocess.run([str(Path(sys.executable).parent / "yolov9-ray")], capture_output=True, text=True)
+    assert result.returncode == USER_ERROR_EXIT
+    assert "{train,tune,register,predict,evaluate,make-shards}" in result.stderr

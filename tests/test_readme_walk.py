@@ -87,7 +87,7 @@ def test_the_demo_trains_a_detector_that_learned(demo, folder, store):
 
     checkpoint = re.search(r"best checkpoint:\s+(\S+)", demo)[1]
     state = load_checkpoint(checkpoint)
-    assert state["epoch"] <= epochs and state["best_map"] == pytest.approx(map50_95, abs=1e-4)
+    assert state.epoch <= epochs and state.best_map == pytest.approx(map50_95, abs=1e-4)
     assert (folder / "data" / "synthetic" / "val-coco.json").is_file()
 
     (run,) = store.search_runs([store.get_experiment_by_name("yolov9-demo").experiment_id])
@@ -104,7 +104,7 @@ def test_evaluate_rescores_the_demos_best_checkpoint(demo, folder):
     best = re.search(r"best checkpoint:\s+(\S+)", demo)[1]
     command = ["jobs.evaluate", "--checkpoint", best, "--data", "data/synthetic"]
     scores = json.loads(succeeded(typed(folder, *command, timeout=300)).strip().splitlines()[-1])
-    assert scores["map50_95"] == pytest.approx(load_checkpoint(best)["best_map"], abs=1e-3)
+    assert scores["map50_95"] == pytest.approx(load_checkpoint(best).best_map, abs=1e-3)
 
 
 def test_mlflow_ui_shows_the_demos_experiment(demo, folder, tmp_path):

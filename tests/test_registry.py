@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.checkpoint import TrainingCheckpoint, load_checkpoint, save_checkpoint
 from pipeline.config import Config
 from pipeline.data import read_manifest
 from pipeline.data.manifest import manifest_path
@@ -62,27 +63,25 @@ def write_checkpoint(directory: Path, data_root: Path, seed: int = 0) -> Path:
         read_manifest(manifest_path(data_root, "train")),
         read_manifest(manifest_path(data_root, "val")),
     )
-    state = {
-        "model": model.state_dict(),
-        "ema": {"model": model.state_dict(), "updates": 10},
-        "epoch": 1,
-        "step": 10,
-        "config": cfg.to_dict(),
-        "best_map": 0.0,
-        "model_name": "yolov9-t",
-        "num_classes": 4,
-        "class_names": list(train.class_names),
-        "manifest_hash": train.manifest_hash,
-        "val_manifest_hash": val.manifest_hash,
-        "history": [],
-        "metrics": {},
-    }
+    state = TrainingCheckpoint(
+        model=model.state_dict(),
+        ema={"model": model.state_dict(), "updates": 10},
+        epoch=1,
+        step=10,
+        config=cfg.to_dict(),
+        best_map=0.0,
+        model_name="yolov9-t",
+        num_classes=4,
+        class_names=list(train.class_names),
+        manifest_hash=train.manifest_hash,
+        val_manifest_hash=val.manifest_hash,
+    )
     directory.mkdir(parents=True, exist_ok=True)
     save_checkpoint(directory, state)
     scores = evaluate_checkpoint(directory, data_root, num_workers=0)
     metrics = {"val/map50_95": scores["map50_95"], "val/map50": scores["map50"], "epoch": 1.0}
     save_checkpoint(
-        directory, {**state, "best_map": scores["map50_95"], "history": [metrics], "metrics": metrics}
+        directory, replace(state, best_map=scores["map50_95"], history=[metrics], metrics=metrics)
     )
     return directory
 
@@ -156,20 +155,30 @@ def test_pruned_model_with_other_weights_fails_the_output_check():
         verify_outputs(dual, prune(other), torch.rand(1, 3, 64, 64))
 
 
-def test_recorded_map_is_the_checkpoint_epochs_entry():
-    state = {
-        "epoch": 2,
-        "history": [
-            {"epoch": 1.0, "val/map50_95": 0.1},
-            {"epoch": 2.0, "val/map50_95": 0.2, "val/map50": 0.4},
-        ],
+def bare_checkpoint(**fields) -> TrainingCheckpoint:
+    """A checkpoint of an untrained yolov9-t (4 classes) with a minimal config, ``fields`` set."""
+    model = build_model("yolov9-t", num_classes=4)
+    required = {
+        "model": model.state_dict(),
+        "ema": {"model": model.state_dict(), "updates": 1},
+        "epoch": 1,
+        "step": 1,
+        "config": {"train": {"epochs": 5}},
+        "best_map": 0.0,
+        "model_name": "yolov9-t",
+        "num_classes": 4,
     }
-    assert recorded_map(state) == (0.2, 0.4)
+    return TrainingCheckpoint(**{**required, **fields})
+
+
+def test_recorded_map_is_the_checkpoint_epochs_entry():
+    history = [{"epoch": 1.0, "val/map50_95": 0.1}, {"epoch": 2.0, "val/map50_95": 0.2, "val/map50": 0.4}]
+    assert recorded_map(bare_checkpoint(epoch=2, history=history)) == (0.2, 0.4)
 
 
 def test_checkpoint_without_validation_is_refused():
     with pytest.raises(RegistrationError, match="records no val/map50_95"):
-        recorded_map({"epoch": 1, "history": [{"epoch": 1.0}], "metrics": {}})
+        recorded_map(bare_checkpoint(history=[{"epoch": 1.0}]))
 
 
 # --- sources ----------------------------------------------------------------------------------------
@@ -228,18 +237,7 @@ def test_foreign_checkpoint_is_refused_and_nothing_registered(store, tmp_path):
 
 
 def test_checkpoint_without_training_config_is_refused_and_nothing_registered(store, tmp_path):
-    model = build_model("yolov9-t", num_classes=4)
-    state = {
-        "model": model.state_dict(),
-        "ema": {"model": model.state_dict(), "updates": 1},
-        "epoch": 1,
-        "step": 1,
-        "config": {"train": {"epochs": 5}},
-        "best_map": 0.0,
-        "model_name": "yolov9-t",
-        "num_classes": 4,
-    }
-    save_checkpoint(tmp_path, state)
+    save_checkpoint(tmp_path, bare_checkpoint())
     with pytest.raises(RegistrationError, match="lacks \\['class_names', 'history', 'config.train.imgsz'"):
         register(tmp_path, "det", store)
     assert _registered_models(store) == []
@@ -248,10 +246,9 @@ def test_checkpoint_without_training_config_is_refused_and_nothing_registered(st
 @pytest.mark.slow
 def test_wrong_recorded_map_is_refused_and_nothing_registered(store, checkpoint, tmp_path):
     state = load_checkpoint(checkpoint)
-    measured = state["metrics"]["val/map50_95"]
-    fake = {**state["metrics"], "val/map50_95": measured + 0.05}
-    state = {k: v for k, v in state.items() if k not in ("format", "version")}
-    save_checkpoint(tmp_path, {**state, "history": [fake], "metrics": fake})
+    measured = state.metrics["val/map50_95"]
+    fake = {**state.metrics, "val/map50_95": measured + 0.05}
+    save_checkpoint(tmp_path, replace(state, history=[fake], metrics=fake))
     with pytest.raises(
         RegistrationError, match=f"{measured:.4f} but the checkpoint recorded {measured + 0.05:.4f}"
     ):
@@ -285,12 +282,12 @@ def test_first_registration_is_promoted_with_training_tags(registry, checkpoint)
     version = MlflowClient(uri).get_model_version("yolov9-det", "1")
     state = load_checkpoint(checkpoint)
     assert first.version == "1" and first.promotion.promote
-    assert version.tags["dataset.val_manifest_hash"] == state["val_manifest_hash"]
-    assert version.tags["dataset.manifest_hash"] == state["manifest_hash"]
-    assert json.loads(version.tags["class_names"]) == state["class_names"]
-    assert version.tags["loss.tal_topk"] == str(state["config"]["loss"]["tal_topk"])
+    assert version.tags["dataset.val_manifest_hash"] == state.val_manifest_hash
+    assert version.tags["dataset.manifest_hash"] == state.manifest_hash
+    assert json.loads(version.tags["class_names"]) == state.class_names
+    assert version.tags["loss.tal_topk"] == str(state.config["loss"]["tal_topk"])
     assert version.tags["ray.job_id"] == "03000000" and version.tags["imgsz"] == str(IMGSZ)
-    assert float(version.tags["map50_95"]) == pytest.approx(state["metrics"]["val/map50_95"], abs=1e-3)
+    assert float(version.tags["map50_95"]) == pytest.approx(state.metrics["val/map50_95"], abs=1e-3)
 
 
 @pytest.mark.slow
@@ -328,8 +325,8 @@ def test_champion_predicts_in_a_fresh_process_like_the_evaluator(registry, tiny_
     """jobs.predict on the val JPEGs gives, in original pixels, the boxes the mAP evaluator scores
     against the ground truth."""
     from pipeline.checkpoint import ema_model
+    from pipeline.coco_eval import detections_from_predictions
     from pipeline.data.loader import make_val_loader
-    from pipeline.evaluate import detections_from_predictions
     from yolov9.postprocess import non_max_suppression
 
     uri, _, _, _ = registry

@@ -338,7 +338,7 @@ def test_make_shards_from_yolo_with_max_side(tmp_path: Path) -> None:
     (tmp_path / "yolo" / "labels").mkdir()
     (tmp_path / "yolo" / "labels" / "a.txt").write_text("1 0.5 0.5 0.5 0.5\n")
     (tmp_path / "data.yaml").write_text("names: [cat, dog]\n")
-    manifest = make_shards("yolo", tmp_path / "out", "train", tmp_path / "yolo", max_side=60,
+    manifest = make_shards("yolo", tmp_path / "out", "train", source=tmp_path / "yolo", max_side=60,
                            data_yaml=tmp_path / "data.yaml")  # fmt: skip
     assert manifest.source["format"] == "yolo"
     meta = samples(tmp_path / "out")[0]

@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import load_config
 from pipeline.train_job import run_training
+from pipeline.training import StepHook
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -43,33 +44,44 @@ def tiny_config(root: Path, shards: Path, name: str, *extra: str):
     )
 
 
+def fail_once(marker: Path, epoch: int, batch: int, rank: int) -> StepHook:
+    """A step hook that raises once (a marker file remembers it) after that step of that rank."""
+
+    def hook(state, event) -> None:
+        if (event.epoch, event.batch, state.rank) == (epoch, batch, rank) and not marker.exists():
+            marker.write_text("failed once")
+            raise RuntimeError(f"injected worker failure at epoch {epoch}, batch {batch}")
+
+    return hook
+
+
 def epochs_logged(uri: str, run_id: str) -> list[int]:
     return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, "val/map50_95"))
 
 
 def test_a_worker_failure_mid_epoch_restarts_from_the_checkpoint(tmp_path, tiny_shards, local_ray):
     cfg = tiny_config(tmp_path, tiny_shards, "flaky", "ray.max_failures=1")
-    fail = {"epoch": 1, "batch": 1, "rank": 1, "marker": str(tmp_path / "failed-once")}
-    summary = run_training(cfg, loop_extras={"fail_once": fail})
+    hook = fail_once(tmp_path / "failed-once", epoch=1, batch=1, rank=1)
+    summary = run_training(cfg, loop_extras={"step_hooks": [hook]})
 
     assert (tmp_path / "failed-once").exists()
     assert summary.epochs == 2
-    assert [h["epoch"] for h in load_checkpoint(summary.latest_checkpoint)["history"]] == [1, 2]
+    assert [h["epoch"] for h in load_checkpoint(summary.latest_checkpoint).history] == [1, 2]
     assert epochs_logged(summary.mlflow_uri, summary.mlflow_run_id) == [1, 2]
 
 
 def test_rerunning_a_stopped_run_resumes_where_it_stopped(tmp_path, tiny_shards, local_ray):
-    fail = {"epoch": 1, "batch": 0, "rank": 0, "marker": str(tmp_path / "stopped")}
+    hook = fail_once(tmp_path / "stopped", epoch=1, batch=0, rank=0)
     with pytest.raises(Exception, match="injected worker failure"):
         run_training(
             tiny_config(tmp_path, tiny_shards, "resumable", "ray.max_failures=0"),
-            loop_extras={"fail_once": fail},
+            loop_extras={"step_hooks": [hook]},
         )
 
     summary = run_training(tiny_config(tmp_path, tiny_shards, "resumable"))
     state = load_checkpoint(summary.latest_checkpoint)
-    assert state["epoch"] == 2 and state["step"] == 6  # epoch 1 was not trained again
-    assert [h["epoch"] for h in state["history"]] == [1, 2]
+    assert state.epoch == 2 and state.step == 6  # epoch 1 was not trained again
+    assert [h["epoch"] for h in state.history] == [1, 2]
     assert epochs_logged(summary.mlflow_uri, summary.mlflow_run_id) == [1, 2]  # the same MLflow run goes on
 
 

@@ -203,7 +203,7 @@ def test_split_where_no_image_has_a_label_file_is_rejected(dataset: Path, tmp_pa
 
 def test_source_at_a_split_folder_root_points_to_the_data_yaml(dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="leave out --source and give --split"):
-        make_shards("yolo", tmp_path / "out", "train", tmp_path / "ds", data_yaml=dataset)
+        make_shards("yolo", tmp_path / "out", "train", source=tmp_path / "ds", data_yaml=dataset)
 
 
 def test_cli_shards_a_split_from_a_relative_data_yaml(dataset: Path, tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ def _overlap(b1: torch.Tensor, b2: torch.Tensor, eps: float) -> tuple[torch.Tens
     return inter / union, union, cw, ch, (w1, h1, w2, h2), (x1a, y1a, x2a, y2a), (x1b, y1b, x2b, y2b)
 
 
-def box_iou(b1: torch.Tensor, b2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+def aligned_iou(b1: torch.Tensor, b2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """IoU of aligned boxes ``(..., 4)`` and ``(..., 4)`` xyxy -> ``(...)``."""
     return _overlap(b1, b2, eps)[0]
 

@@ -254,7 +254,7 @@ def _init_strides(model: DetectionModel, probe: int = 64) -> None:
     model.head.init_biases()
 
 
-def load_config(name_or_path: str | Path) -> tuple[dict, str]:
+def load_model_spec(name_or_path: str | Path) -> tuple[dict, str]:
     """Read a model YAML by shipped name (``yolov9-c``) or path; returns (spec, where)."""
     path = Path(name_or_path)
     if str(name_or_path) in MODEL_NAMES:
@@ -276,6 +276,6 @@ def build_model(name_or_path: str | Path, num_classes: int = 80) -> DetectionMod
     """Build ``yolov9-{t,s,m,c,e}`` (dual branch), ``gelan-{t,s,m,c,e}`` or a model YAML path."""
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    spec, where = load_config(name_or_path)
+    spec, where = load_model_spec(name_or_path)
     name = Path(where).stem
     return build_from_spec(parse_layers(spec, where), num_classes, name=name, where=where)

@@ -24,7 +24,7 @@ def xywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
     return torch.cat((centre - size / 2, centre + size / 2), -1)
 
 
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """IoU matrix ``(N, M)`` of xyxy boxes ``a (N, 4)`` and ``b (M, 4)``; 0 where the union is empty."""
     area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
     area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
@@ -80,11 +80,11 @@ def nms(
         block = ordered[start : start + NMS_BLOCK]
         alive = torch.ones(len(block), dtype=torch.bool, device=block.device)
         for k in range(0, len(kept_boxes), NMS_BLOCK):  # chunked: kept x block IoU stays bounded
-            alive &= (box_iou(kept_boxes[k : k + NMS_BLOCK], block) <= iou_thres).all(0)
+            alive &= (pairwise_iou(kept_boxes[k : k + NMS_BLOCK], block) <= iou_thres).all(0)
         # Only boxes that survive the kept ones can matter, and after the first block that is usually few.
         alive = alive.nonzero().squeeze(1)
         candidates = block[alive]
-        keep = alive[_resolve_block((box_iou(candidates, candidates) > iou_thres).triu(1))]
+        keep = alive[_resolve_block((pairwise_iou(candidates, candidates) > iou_thres).triu(1))]
         kept.append(keep + start)
         kept_boxes = torch.cat((kept_boxes, block[keep]))
         n_kept += len(keep)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from yolov9.model import MODEL_NAMES, DetectionModel, LayerSpec, build_model, load_config, parse_layers
+from yolov9.model import MODEL_NAMES, DetectionModel, LayerSpec, build_model, load_model_spec, parse_layers
 from yolov9.safe_unpickle import InertRecord, load_inert
 
 DETECT_BLOCKS = ("DDetect", "DualDDetect")
@@ -171,7 +171,7 @@ def _identify_layout(file_layers: Sequence[LayerSpec], path: Path) -> tuple[str,
     file_nodes, file_rows = _canonical(file_layers)
     differences = []
     for name in MODEL_NAMES:
-        spec, where = load_config(name)
+        spec, where = load_model_spec(name)
         our_nodes, our_rows = _canonical(parse_layers(spec, where))
         if our_nodes == file_nodes:
             return name, dict(zip(file_rows, our_rows, strict=True))

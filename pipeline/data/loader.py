@@ -38,7 +38,7 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True, eq=False)
-class Sample(Labelled):
+class DecodedSample(Labelled):
     """A decoded shard sample: image HxWx3 uint8 RGB, boxes (N, 4) float32 xyxy pixels, classes (N,) int64."""
 
     image_id: int
@@ -91,7 +91,7 @@ def partition(order: Sequence[int], rank: int, world_size: int, worker: int, num
         shards, stride, offset = tuple(order), world_size, rank
     if stride == 1 and len(shards) >= num_workers:
         return Partition(shards[worker::num_workers])
-    # Sample k of the rank's stream is sample stride*k + offset of the whole stream.
+    # DecodedSample k of the rank's stream is sample stride*k + offset of the whole stream.
     return Partition(shards, stride * num_workers, offset + stride * worker)
 
 
@@ -101,7 +101,7 @@ def partition_size(part: Partition, shard_sizes: Sequence[int]) -> int:
     return len(range(part.offset, total, part.stride))
 
 
-def decode_sample(raw: dict[str, Any]) -> Sample:
+def decode_sample(raw: dict[str, Any]) -> DecodedSample:
     """Decode one webdataset sample dict (``jpg`` and ``json`` bytes). Raises DataError naming the sample."""
     where = f"sample {raw.get('__key__')} of {raw.get('__url__')}"
     if "jpg" not in raw or "json" not in raw:
@@ -123,12 +123,12 @@ def decode_sample(raw: dict[str, Any]) -> Sample:
         raise DataError(f"{where}: the JPEG does not decode")
     if image.shape[:2] != size:
         raise DataError(f"{where}: image is {image.shape[:2]} (h, w) but the JSON says {size}")
-    return Sample(image=image, boxes=boxes, classes=classes, image_id=image_id)
+    return DecodedSample(image=image, boxes=boxes, classes=classes, image_id=image_id)
 
 
 def iter_samples(
     urls: Sequence[str], part: Partition, errors: ErrorCounts, shard_sizes: Sequence[int] | None = None
-) -> Iterator[Sample]:
+) -> Iterator[DecodedSample]:
     """One pass over ``part`` of the shards at ``urls``: its decodable samples in read order.
 
     Bad samples and shards are skipped and counted in ``errors``: one shard error per shard that fails to
@@ -211,7 +211,9 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def train_samples(spec: _TrainSpec, worker: int, num_workers: int, errors: ErrorCounts) -> Iterator[Sample]:
+def train_samples(
+    spec: _TrainSpec, worker: int, num_workers: int, errors: ErrorCounts
+) -> Iterator[DecodedSample]:
     """Endless sample stream of one worker: pass 0 of its partition, then passes over new shard orders
     (resampling). Raises DataError if a whole pass yields nothing decodable."""
     everything = False
@@ -393,6 +395,7 @@ def _check_common(manifest: Manifest, batch_size: int, imgsz: int, num_workers: 
 
 def make_train_loader(
     manifest: Manifest,
+    *,
     batch_size: int,
     imgsz: int,
     rank: int,

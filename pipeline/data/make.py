@@ -16,6 +16,7 @@ def make_shards(
     dataset_format: str,
     out: str | Path,
     split: str,
+    *,
     source: str | Path | None = None,
     shard_size: int = 1000,
     max_side: int | None = None,

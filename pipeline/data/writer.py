@@ -10,6 +10,7 @@ import hashlib
 import io
 import itertools
 import json
+import logging
 import math
 import multiprocessing
 import re
@@ -37,6 +38,8 @@ from pipeline.data.manifest import (
 )
 from pipeline.data.readers import Record, Report
 
+log = logging.getLogger(__name__)
+
 JPEG_QUALITY = 95
 KEY_DIGITS = 9
 SPLIT_PATTERN = re.compile(r"[A-Za-z0-9_]+")
@@ -47,7 +50,7 @@ Problem = tuple[str, str]
 
 
 @dataclass(frozen=True, eq=False)
-class Sample:
+class EncodedSample:
     """A checked record ready to store: JPEG bytes of the stored image, float32 (N, 4) xyxy boxes in
     pixels of the stored image (``width`` x ``height``), int64 (N,) classes."""
 
@@ -61,7 +64,7 @@ class Sample:
 
 def encode_record(
     record: Record, num_classes: int, max_side: int | None
-) -> tuple[Sample | None, list[Problem]]:
+) -> tuple[EncodedSample | None, list[Problem]]:
     """Check one record and produce the sample to store (None if the image is unusable) plus problems found.
 
     Keeps the original JPEG bytes unless the image must shrink to ``max_side`` pixels (longest side), is not
@@ -102,7 +105,7 @@ def encode_record(
             return None, [*problems, ("unreadable_image", f"{where}: JPEG encoding failed")]
         data = buf.tobytes()
         problems.extend((r, where) for r in reasons)
-    return Sample(record.file_name, data, width, height, boxes, classes), problems
+    return EncodedSample(record.file_name, data, width, height, boxes, classes), problems
 
 
 def check_boxes(
@@ -206,7 +209,7 @@ def write_shards(
     if members:
         shards.append(_flush(out_dir, split, len(shards), members, shard_boxes))
 
-    print(f"{split}: {index} samples in {len(shards)} shards; report:\n{report.summary()}", file=sys.stderr)
+    log.info("%s: %d samples in %d shards; report:\n%s", split, index, len(shards), report.summary())
     if not shards:
         raise DataError(f"no valid sample for split {split!r} out of {seen} records: {dict(report.counts)}")
     if split == "val":
@@ -266,7 +269,7 @@ def _clear_output(out_dir: Path, split: str, overwrite: bool) -> None:
 
 def _map_in_order(
     fn: Any, records: Iterable[Record], workers: int
-) -> Iterator[tuple[Sample | None, list[Problem]]]:
+) -> Iterator[tuple[EncodedSample | None, list[Problem]]]:
     """``map(fn, records)`` in order, over ``workers`` processes, a bounded batch of records at a time."""
     if workers == 1:
         yield from map(fn, records)
@@ -278,7 +281,7 @@ def _map_in_order(
             yield from pool.map(fn, batch, chunksize=max(1, math.ceil(len(batch) / (4 * workers))))
 
 
-def _sample_json(sample: Sample, image_id: int) -> dict[str, Any]:
+def _sample_json(sample: EncodedSample, image_id: int) -> dict[str, Any]:
     return {
         "image_id": image_id,
         "file_name": sample.file_name,

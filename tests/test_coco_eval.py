@@ -1,4 +1,4 @@
-"""Tests for pipeline.evaluate: letterbox-to-original mapping and COCO mAP via pycocotools."""
+"""Tests for pipeline.coco_eval: letterbox-to-original mapping and COCO mAP via pycocotools."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.evaluate import coco_map, detections_from_predictions
+from pipeline.coco_eval import coco_map, detections_from_predictions
 
 # Category ids deliberately not 0..nc-1, as in COCO.
 CATEGORY_IDS = [1, 3]

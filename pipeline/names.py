@@ -1,0 +1,39 @@
+"""The names under which metrics and tags are reported to Ray and MLflow, in one place.
+
+Training reports the metrics every epoch; the search ranks trials by one of them; the registry and the
+job summary read them back from checkpoints and runs. A metric named twice in two spellings would be a
+silently empty curve, so every reader and writer takes its name from here. Prefixes group the metrics:
+``train/`` losses and speed of an epoch, ``val/`` scores of the EMA main branch, ``data/`` samples
+skipped by the loader, ``hp/`` the loss settings a run really used, ``pgi/`` gradient diagnostics.
+"""
+
+# per-epoch metrics
+EPOCH = "epoch"
+MAP = "val/map50_95"  # COCO mAP@0.5:0.95 of the EMA model's main branch (the search's default metric)
+MAP50 = "val/map50"
+BEST_MAP = "val/best_map50_95"
+TRAIN_TOTAL = "train/total"
+TRAIN_LR = "train/lr"
+IMAGES_PER_S = "train/images_per_s"
+LOADER_WAIT = "train/loader_wait_fraction"
+MOSAIC = "train/mosaic"
+HP_AUX_WEIGHT = "hp/aux_weight"
+HP_LEAD_WEIGHT = "hp/lead_weight"
+HP_TAL_TOPK = "hp/tal_topk"
+HP_LR0 = "hp/lr0"
+TRAIN_PREFIX, DATA_PREFIX = "train/", "data/"
+LOSS_PARTS = ("box", "cls", "dfl")  # suffixes of the per-branch loss metrics (train/main_box, ...)
+
+# tags of training runs
+RUN_NAME_TAG = "ray.run_name"
+STORAGE_TAG = "ray.storage_path"
+RAY_JOB_TAG = "ray.job_id"
+BEST_CHECKPOINT_TAG = "best_checkpoint"
+MANIFEST_HASH_TAG = "dataset.manifest_hash"
+VAL_MANIFEST_HASH_TAG = "dataset.val_manifest_hash"
+
+# tags of a search's runs
+SEARCH_TAG = "tune.name"  # on the parent run
+TRIAL_ID_TAG = "tune.trial_id"
+TRIAL_STATUS_TAG = "trial.status"
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag

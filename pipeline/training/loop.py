@@ -1,0 +1,118 @@
+"""The epoch loop: the epoch's loader, the steps, validation of the EMA model when due, the metrics.
+
+``train`` runs the remaining epochs of a :class:`TrainState` and hands each epoch's metrics to
+``on_epoch_end`` (Ray Train reports and checkpoints there; the local run saves and logs there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline import names
+from pipeline.data.loader import make_train_loader, make_val_loader
+from pipeline.training.state import TrainState
+from pipeline.training.step import StepHook, train_one_epoch
+from pipeline.validate import evaluate_distributed
+
+EpochEnd = Callable[[TrainState, dict[str, float]], None]
+
+
+def train(state: TrainState, on_epoch_end: EpochEnd, hooks: Sequence[StepHook] = ()) -> None:
+    """Train from ``state.epoch`` to ``train.epochs``; ``on_epoch_end`` after each epoch."""
+    while state.epoch < state.cfg.train.epochs:
+        metrics = run_epoch(state, hooks)
+        on_epoch_end(state, metrics)
+
+
+def run_epoch(state: TrainState, hooks: Sequence[StepHook] = ()) -> dict[str, float]:
+    """Train one epoch, validate when due, advance ``state`` (epoch, best mAP, history); the metrics."""
+    cfg = state.cfg
+    mosaic = state.epoch < cfg.train.epochs - cfg.train.close_mosaic
+    loader = make_train_loader(
+        state.data.train,
+        batch_size=cfg.train.batch_size,
+        imgsz=cfg.train.imgsz,
+        rank=state.rank,
+        world_size=state.world,
+        num_workers=cfg.data.num_workers,
+        epoch=state.epoch,
+        seed=cfg.train.seed,
+        augment=cfg.data.augment,
+        mosaic=mosaic,
+        steps_per_epoch=state.steps_per_epoch,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+    )
+    stats = train_one_epoch(state, loader, hooks)
+    metrics = {f"{names.TRAIN_PREFIX}{k}": v for k, v in stats.losses.items()}
+    # skipped samples are summed over ranks: the mean times the world size
+    metrics.update({f"{names.DATA_PREFIX}{k}": float(v) * state.world for k, v in loader.stats().items()})
+    metrics = mean_across_ranks(metrics, state.device)
+    elapsed = max(stats.elapsed_s, 1e-9)
+    metrics[names.TRAIN_LR] = state.optimizer.param_groups[1]["lr"]
+    metrics[names.IMAGES_PER_S] = stats.images * state.world / elapsed
+    metrics[names.LOADER_WAIT] = stats.loader_wait_s / elapsed
+    metrics[names.MOSAIC] = float(mosaic)
+    # the values the loss really used, so a search can check what each trial trained with
+    metrics[names.HP_AUX_WEIGHT] = state.loss_fn.weights["aux"]
+    metrics[names.HP_LEAD_WEIGHT] = state.loss_fn.weights["main"]
+    metrics[names.HP_TAL_TOPK] = float(state.loss_fn.assigner.topk)
+    metrics[names.HP_LR0] = state.schedule.lr0
+    state.epoch += 1
+    if state.epoch % cfg.train.val_every == 0 or state.epoch == cfg.train.epochs:
+        metrics.update(validate(state))
+    elif state.history and names.MAP in state.history[-1]:
+        metrics[names.MAP] = state.history[-1][names.MAP]
+        metrics[names.MAP50] = state.history[-1][names.MAP50]
+    metrics[names.EPOCH] = state.epoch
+    state.best_map = max(state.best_map, metrics.get(names.MAP, 0.0))
+    metrics[names.BEST_MAP] = state.best_map
+    state.history.append({k: float(v) for k, v in metrics.items()})
+    return metrics
+
+
+def validate(state: TrainState) -> dict[str, float]:
+    """COCO mAP of the EMA model's main branch on the whole val split (each rank scores its share)."""
+    cfg = state.cfg
+    loader = make_val_loader(
+        state.data.val,
+        batch_size=cfg.train.batch_size,
+        imgsz=cfg.train.imgsz,
+        rank=state.rank,
+        world_size=state.world,
+        num_workers=min(cfg.data.num_workers, 1),
+    )
+    share_rank0_buffers(state.ema.module)
+    scores = evaluate_distributed(
+        state.ema.module,
+        loader,
+        state.data.val_coco_json,
+        list(range(1, state.num_classes + 1)),
+        state.device,
+        conf_thres=cfg.train.val_conf,
+        iou_thres=cfg.train.val_iou,
+        max_det=cfg.train.val_max_det,
+    )
+    return {names.MAP: scores["map50_95"], names.MAP50: scores["map50"]}
+
+
+def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Each value averaged over the process group (unchanged in one process)."""
+    if not values or not (dist.is_available() and dist.is_initialized()):
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+def share_rank0_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm statistics: each rank's last forward updated its own, and
+    rank 0's EMA is the one checkpointed, so the mAP reported must be that model's."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)

@@ -1,0 +1,179 @@
+"""The state of a training run, without Ray: how it is built, resumed from a checkpoint and saved.
+
+One :class:`TrainState` per worker process. On several workers the model is wrapped for DDP by the
+``wrap`` the caller passes (Ray Train's ``prepare_model``); in one process it is the plain model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pipeline.checkpoint import TrainingCheckpoint
+from pipeline.config import Config
+from pipeline.data import Manifest, read_manifest
+from pipeline.data.manifest import coco_json_path, manifest_path
+from pipeline.ema import ModelEMA, unwrap
+from pipeline.optimizer import Schedule, accumulation_steps, build_sgd
+from yolov9 import build_model
+from yolov9.loss import DualDetectionLoss
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The train and val splits of ``data.root`` (manifests; the val split's COCO ground truth)."""
+
+    train: Manifest
+    val: Manifest
+    val_coco_json: str
+
+    @classmethod
+    def read(cls, root: str) -> TrainingData:
+        return cls(
+            read_manifest(manifest_path(root, "train")),
+            read_manifest(manifest_path(root, "val")),
+            str(coco_json_path(root, "val")),
+        )
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``train.amp``: none on CPU; bf16 where supported for 'auto'."""
+    if device.type != "cuda" or mode == "off":
+        return None
+    if mode == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+
+@dataclass
+class TrainState:
+    """Model, EMA, optimizer, scaler, schedule and loss of one worker, and the counters that a checkpoint
+    saves. ``epoch`` and ``step`` count what is done: epochs completed, micro-batch steps taken."""
+
+    cfg: Config
+    data: TrainingData
+    model: nn.Module  # DDP-wrapped on several workers; ``unwrap(model)`` is the DetectionModel
+    ema: ModelEMA
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    schedule: Schedule
+    loss_fn: DualDetectionLoss
+    device: torch.device
+    amp: torch.dtype | None
+    rank: int = 0
+    world: int = 1
+    epoch: int = 0
+    step: int = 0
+    best_map: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return unwrap(self.model).num_classes
+
+    @property
+    def global_batch(self) -> int:
+        """Images per micro-batch step over all workers."""
+        return self.cfg.train.batch_size * self.world
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.schedule.steps_per_epoch
+
+    def checkpoint(self, metrics: dict[str, float]) -> TrainingCheckpoint:
+        """Everything needed to resume after the epoch that produced ``metrics``."""
+        return TrainingCheckpoint(
+            model=unwrap(self.model).state_dict(),
+            ema=self.ema.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict(),
+            epoch=self.epoch,
+            step=self.step,
+            config=self.cfg.to_dict(),
+            best_map=self.best_map,
+            model_name=self.cfg.model.name,
+            num_classes=self.num_classes,
+            class_names=list(self.data.train.class_names),
+            manifest_hash=self.data.train.manifest_hash,
+            val_manifest_hash=self.data.val.manifest_hash,
+            history=list(self.history),
+            metrics=dict(metrics),
+        )
+
+
+def build_train_state(
+    cfg: Config,
+    data: TrainingData,
+    device: torch.device,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    resume: TrainingCheckpoint | None = None,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
+) -> TrainState:
+    """A fresh run of ``cfg`` on ``device``, or the run ``resume`` saved, for worker ``rank`` of ``world``.
+
+    The weights are set (seeded, or resumed) before ``wrap`` is applied, because DDP broadcasts rank 0's
+    weights when it wraps the model.
+    """
+    torch.manual_seed(cfg.train.seed + rank)
+    num_classes = cfg.model.num_classes or data.train.num_classes
+    model = build_model(cfg.model.name, num_classes=num_classes)
+    if cfg.model.sync_bn and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # channels-last (NHWC) is the layout oneDNN and cuDNN run convolutions fastest in, forward and backward
+    model.to(device, memory_format=torch.channels_last)
+    ema = ModelEMA(model, cfg.train.ema_decay, cfg.train.ema_tau)
+    t = cfg.train
+    global_batch = t.batch_size * world
+    accumulate = accumulation_steps(t.nominal_batch, global_batch)
+    # weight decay acts once per optimizer step, which sees global_batch * accumulate images
+    optimizer = build_sgd(
+        model, t.lr0, t.momentum, t.weight_decay * global_batch * accumulate / t.nominal_batch
+    )
+    amp = amp_dtype(t.amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    schedule = Schedule(
+        lr0=t.lr0,
+        lrf=t.lrf,
+        epochs=t.epochs,
+        steps_per_epoch=t.steps_per_epoch or max(data.train.num_samples // global_batch, 1),
+        momentum=t.momentum,
+        warmup_epochs=t.warmup_epochs,
+        warmup_min_steps=t.warmup_min_steps,
+        warmup_bias_lr=t.warmup_bias_lr,
+        warmup_momentum=t.warmup_momentum,
+        cosine=t.cosine,
+    )
+    state = TrainState(
+        cfg=cfg,
+        data=data,
+        model=model,
+        ema=ema,
+        optimizer=optimizer,
+        scaler=scaler,
+        schedule=schedule,
+        loss_fn=DualDetectionLoss(model, **cfg.loss.__dict__),
+        device=device,
+        amp=amp,
+        rank=rank,
+        world=world,
+    )
+    if resume is not None:
+        restore(state, resume)
+    if wrap is not None:
+        state.model = wrap(state.model)
+    return state
+
+
+def restore(state: TrainState, checkpoint: TrainingCheckpoint) -> None:
+    """Load a checkpoint's weights, EMA, optimizer, scaler and counters into an unwrapped state."""
+    state.model.load_state_dict(checkpoint.model)
+    state.ema.load_state_dict(checkpoint.ema)
+    state.optimizer.load_state_dict(checkpoint.optimizer)
+    state.scaler.load_state_dict(checkpoint.scaler)
+    state.epoch, state.step, state.best_map = checkpoint.epoch, checkpoint.step, checkpoint.best_map
+    state.history = list(checkpoint.history)
