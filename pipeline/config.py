@@ -22,6 +22,8 @@ from pipeline.errors import PipelineError
 from yolov9.loss import ASSIGN_MODES
 from yolov9.model import MODEL_NAMES
 
+MLFLOW_URI_SCHEMES = ("runs:/", "models:/")  # model URIs that MLflow resolves, kept as given
+
 
 class ConfigError(PipelineError, ValueError):
     """A configuration problem, with the file and the dotted key it concerns."""
@@ -32,6 +34,10 @@ class ModelConfig:
     name: str = "yolov9-c"
     num_classes: int | None = None  # None: the number of class names in the train manifest
     sync_bn: bool = False
+    # starting weights of a fresh run (a resumed run ignores them): a reference .pt file, a checkpoint of
+    # this project (file or directory), runs:/<run id> (its best checkpoint) or models:/<name>@<alias>
+    weights: str | None = None
+    freeze: int = 0  # freeze model.layers[:freeze] (weights and BatchNorm statistics)
 
 
 @dataclass
@@ -210,6 +216,8 @@ def _check_values(cfg: Config, where: str) -> None:
             f"must be one of {', '.join(MODEL_NAMES)} or a model .yaml path",
         ),
         (cfg.model.num_classes is None or cfg.model.num_classes >= 1, "model.num_classes", "must be >= 1"),
+        (cfg.model.freeze >= 0, "model.freeze", "must be >= 0"),
+        (cfg.model.weights is None or cfg.model.weights.strip() != "", "model.weights", "must not be empty"),
         (t.epochs >= 1, "train.epochs", "must be >= 1"),
         (t.batch_size >= 1, "train.batch_size", "must be >= 1"),
         (t.nominal_batch >= 1, "train.nominal_batch", "must be >= 1"),
@@ -302,6 +310,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     cfg = config_from_dict(values, where)
     cfg.data.root = _absolute(cfg.data.root)
     cfg.ray.storage_path = _absolute(cfg.ray.storage_path)
+    if cfg.model.weights is not None and not cfg.model.weights.startswith(MLFLOW_URI_SCHEMES):
+        cfg.model.weights = _absolute(cfg.model.weights)
     return cfg
 
 

@@ -32,6 +32,15 @@ BEST_CHECKPOINT_TAG = "best_checkpoint"
 MANIFEST_HASH_TAG = "dataset.manifest_hash"
 VAL_MANIFEST_HASH_TAG = "dataset.val_manifest_hash"
 
+# starting weights of a training run (model.weights): params, and lineage tags (also on registered versions)
+PRETRAINED_LOADED = "pretrained.tensors_loaded"
+PRETRAINED_REINITIALISED = "pretrained.tensors_reinitialised"
+PRETRAINED_FRESH = "pretrained.tensors_fresh"
+PRETRAINED_SOURCE_TAG = "pretrained.source"  # model.weights as given (a path or an MLflow URI)
+PRETRAINED_PATH_TAG = "pretrained.path"  # the file or checkpoint directory it resolved to
+LINEAGE_SHA256_TAG = "lineage.sha256"  # sha256 of the file a run started from / a version came from
+SOURCE_CHECKPOINT_TAG = "checkpoint"  # on a registered version: the file it was made from
+
 # tags of a search's runs
 SEARCH_TAG = "tune.name"  # on the parent run
 TRIAL_ID_TAG = "tune.trial_id"

@@ -24,6 +24,7 @@ from pipeline.plots import plot_curves
 from pipeline.tracking import check_tracking_uri, resolve_tracking_uri, start_or_resume_run
 from pipeline.training.local import fit_local
 from pipeline.validate import render_predictions
+from pipeline.weights_source import record_start_weights
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,8 @@ def run_training(
     )
     client = MlflowClient(uri)
     try:
+        # workers get model.weights as a local path; the transfer is checked once, here
+        cfg = record_start_weights(cfg, cfg.model.num_classes or train_manifest.num_classes, uri, run_id)
         if local:
             checkpoints = fit_local(cfg, tracking=(uri, run_id))
         else:

@@ -6,6 +6,7 @@ One :class:`TrainState` per worker process. On several workers the model is wrap
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,8 +19,11 @@ from pipeline.data import Manifest, read_manifest
 from pipeline.data.manifest import coco_json_path, manifest_path
 from pipeline.ema import ModelEMA, unwrap
 from pipeline.optimizer import Schedule, accumulation_steps, build_sgd
+from pipeline.pretrained import freeze_layers, load_initial_weights
 from yolov9 import build_model
 from yolov9.loss import DualDetectionLoss
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -116,14 +120,20 @@ def build_train_state(
 ) -> TrainState:
     """A fresh run of ``cfg`` on ``device``, or the run ``resume`` saved, for worker ``rank`` of ``world``.
 
-    The weights are set (seeded, or resumed) before ``wrap`` is applied, because DDP broadcasts rank 0's
-    weights when it wraps the model.
+    A fresh run starts from ``model.weights`` when set (a local path: URIs are resolved on the driver).
+    The weights are set (seeded, pretrained or resumed) before ``wrap`` is applied, because DDP broadcasts
+    rank 0's weights when it wraps the model. ``model.freeze`` applies to both.
     """
     torch.manual_seed(cfg.train.seed + rank)
     num_classes = cfg.model.num_classes or data.train.num_classes
     model = build_model(cfg.model.name, num_classes=num_classes)
+    if resume is None and cfg.model.weights is not None:
+        report = load_initial_weights(model, cfg.model.weights)
+        if rank == 0:
+            log.info(report.summary())
     if cfg.model.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    freeze_layers(model, cfg.model.freeze)
     # channels-last (NHWC) is the layout oneDNN and cuDNN run convolutions fastest in, forward and backward
     model.to(device, memory_format=torch.channels_last)
     ema = ModelEMA(model, cfg.train.ema_decay, cfg.train.ema_tau)
