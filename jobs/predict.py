@@ -1,6 +1,10 @@
-"""Detect objects with a registered model: images with boxes drawn plus a JSON of detections.
+"""Detect objects with a registered model or a weights file: images with boxes drawn, a JSON of detections.
 
     python -m jobs.predict --model models:/yolov9-det@champion --source IMAGE_OR_DIR --out DIR
+    python -m jobs.predict --model yolov9-c.pt --source IMAGE_OR_DIR --out DIR --imgsz 640
+
+``--model`` is a model URI, or a local file: a reference checkpoint (``yolov9-c.pt``, read without
+executing it) or a checkpoint of this project (its EMA weights), pruned as registration would.
 
 Writes ``DIR/<image name>`` (boxes drawn) for every image and ``DIR/detections.json``:
 ``{"<image name>": {"boxes": [[x1, y1, x2, y2], ...], "scores": [...], "classes": [...],
@@ -21,6 +25,7 @@ from mlflow.exceptions import MlflowException
 
 from jobs.cli import run
 from pipeline.data import DataError
+from pipeline.file_detector import FileDetector
 from pipeline.plots import draw_boxes
 from pipeline.tracking import TrackingError, resolve_tracking_uri
 
@@ -42,7 +47,12 @@ def list_images(source: str | Path) -> list[Path]:
 
 
 def predict_files(
-    model: mlflow.pyfunc.PyFuncModel, images: list[Path], out: Path, conf: float, iou: float, max_det: int
+    model: mlflow.pyfunc.PyFuncModel | FileDetector,
+    images: list[Path],
+    out: Path,
+    conf: float,
+    iou: float,
+    max_det: int,
 ) -> dict[str, dict]:
     """Run ``model`` on the image files in batches; write drawn copies into ``out``; return the detections
     by file name."""
@@ -67,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", required=True, help="model URI, e.g. models:/yolov9-det@champion")
+    parser.add_argument(
+        "--model", required=True, help="model URI (models:/yolov9-det@champion) or a weights file (.pt)"
+    )
     parser.add_argument("--source", required=True, help="an image file or a directory of images")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument(
@@ -76,13 +88,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conf", type=float, default=0.25)
     parser.add_argument("--iou", type=float, default=0.45)
     parser.add_argument("--max-det", type=int, default=300)
+    parser.add_argument(
+        "--imgsz", type=int, default=None, help="input side for a weights file (default: its own, else 640)"
+    )
     args = parser.parse_args(argv)
+    if args.imgsz is not None and (args.imgsz < 32 or args.imgsz % 32):
+        parser.error(f"--imgsz must be a positive multiple of 32, got {args.imgsz}")
     images = list_images(args.source)
-    mlflow.set_tracking_uri(resolve_tracking_uri(args.tracking_uri))
-    try:
-        model = mlflow.pyfunc.load_model(args.model)
-    except MlflowException as e:
-        raise TrackingError(f"cannot load --model {args.model}: {e.message}") from e
+    if Path(args.model).is_file():
+        model = FileDetector(args.model, args.imgsz)
+    else:
+        mlflow.set_tracking_uri(resolve_tracking_uri(args.tracking_uri))
+        try:
+            model = mlflow.pyfunc.load_model(args.model)
+        except MlflowException as e:
+            raise TrackingError(f"cannot load --model {args.model}: {e.message}") from e
     results = predict_files(model, images, args.out, args.conf, args.iou, args.max_det)
     (args.out / "detections.json").write_text(json.dumps(results, indent=1))
     total = sum(len(r["boxes"]) for r in results.values())

@@ -1,13 +1,16 @@
-"""Register the best checkpoint of a training run in the MLflow model registry.
+"""Register the best checkpoint of a training run, or a reference checkpoint file, in the MLflow registry.
 
     python -m jobs.register --run RUN_ID --name yolov9-det
     python -m jobs.register --run runs/ray/demo/checkpoint_... --name yolov9-det --data data/synthetic
     python -m jobs.register --run yolov9-tune --name yolov9-det --promote
+    python -m jobs.register --weights yolov9-c-converted.pt --data /mnt/shared/coco --name yolov9-c-coco
     ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.register --run RUN_ID
 
 ``--run`` is an MLflow run id (its ``best_checkpoint`` tag), a checkpoint directory or file, or an
 experiment name (its latest run with a ``best_checkpoint`` tag). Exits 2 with the reason when the
-checkpoint fails verification; nothing is registered then.
+checkpoint fails verification; nothing is registered then. ``--weights`` is a reference checkpoint
+file (read without executing it): its mAP on the val shards of ``--data`` is measured and tagged, its
+lineage is the file's sha256.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import json
 from dataclasses import asdict
 
 from jobs.cli import run
-from pipeline.registry import MAP_TOLERANCE, register
+from pipeline.registry import MAP_TOLERANCE, REFERENCE_IMGSZ, register, register_reference
 from pipeline.tracking import resolve_tracking_uri
 
 
@@ -25,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--run", required=True, help="MLflow run id, checkpoint path, or experiment name")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="MLflow run id, checkpoint path, or experiment name")
+    source.add_argument("--weights", help="a reference checkpoint file (yolov9-c.pt, gelan-c.pt, ...)")
     parser.add_argument("--name", default="yolov9-det", help="registered model name")
     parser.add_argument(
         "--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
@@ -40,17 +45,34 @@ def main(argv: list[str] | None = None) -> int:
         default=MAP_TOLERANCE,
         help="allowed difference between re-measured and recorded val mAP@0.5:0.95",
     )
+    parser.add_argument(
+        "--imgsz", type=int, default=REFERENCE_IMGSZ, help="input side for --weights (pixels)"
+    )
     parser.add_argument("--promote", action="store_true", help="move the champion alias whatever the mAP")
     args = parser.parse_args(argv)
-    result = register(
-        args.run,
-        args.name,
-        resolve_tracking_uri(args.tracking_uri),
-        promote=args.promote,
-        data_root=args.data,
-        experiment=args.experiment,
-        map_tolerance=args.map_tolerance,
-    )
+    if args.weights is not None and args.data is None:
+        parser.error("--weights needs --data (the val shards its mAP is measured on)")
+    uri = resolve_tracking_uri(args.tracking_uri)
+    if args.weights is not None:
+        result = register_reference(
+            args.weights,
+            args.name,
+            uri,
+            args.data,
+            imgsz=args.imgsz,
+            promote=args.promote,
+            experiment=args.experiment,
+        )
+    else:
+        result = register(
+            args.run,
+            args.name,
+            uri,
+            promote=args.promote,
+            data_root=args.data,
+            experiment=args.experiment,
+            map_tolerance=args.map_tolerance,
+        )
     print(f"registered {result.model_uri} (run {result.logging_run_id})")
     print(json.dumps({"verification": asdict(result.verification), "tags": result.tags}, indent=2))
     return 0

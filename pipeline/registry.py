@@ -32,6 +32,7 @@ from pipeline.data.loader import make_val_loader
 from pipeline.data.manifest import coco_json_path, manifest_path
 from pipeline.errors import PipelineError
 from pipeline.export import ExportError, check_onnx, check_torchscript, export_onnx, export_torchscript
+from pipeline.pretrained import PretrainedError, load_source
 from pipeline.serving import (
     DEFAULT_PARAMS,
     IMAGE_COLUMN,
@@ -53,6 +54,7 @@ DEFAULT_EXPERIMENT = "yolov9-registry"
 OUTPUT_RTOL = 1e-4
 MAP_TOLERANCE = 1e-3
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+REFERENCE_IMGSZ = 640  # the reference's training and validation size
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -300,7 +302,6 @@ def verify_checkpoint(
         pruned,
         loader,
         coco_json_path(root, "val"),
-        list(range(1, manifest.num_classes + 1)),
         torch.device("cpu"),
         conf_thres=float(train_cfg.get("val_conf", 0.001)),
         iou_thres=float(train_cfg.get("val_iou", 0.7)),
@@ -339,7 +340,7 @@ def version_tags(
         "loss.tal_topk": str(loss.get("tal_topk", "")),
         "source_run_id": source.run_id or "",
         names.RAY_JOB_TAG: source.ray_job_id or "",
-        "checkpoint": str(source.checkpoint),
+        names.SOURCE_CHECKPOINT_TAG: str(source.checkpoint),
         "epoch": str(state.epoch),
     }
 
@@ -420,6 +421,113 @@ def register_source(
         imgsz=imgsz,
     )
     tags = version_tags(state, pruned, verification, src, imgsz)
+    return _export_and_register(
+        client, tracking_uri, name, src, experiment, pruned, spec, images, tags, verification, promote
+    )
+
+
+def register_reference(
+    weights: str | Path,
+    name: str,
+    tracking_uri: str,
+    data_root: str | Path,
+    *,
+    imgsz: int = REFERENCE_IMGSZ,
+    promote: bool = False,
+    experiment: str | None = None,
+    num_workers: int = 0,
+) -> RegistrationResult:
+    """Register a reference checkpoint file (``yolov9-c.pt``, ``gelan-c-converted.pt``, ...) read without
+    executing it: pruned when dual, outputs checked against the file's model, val mAP measured on the
+    shards of ``data_root`` at ``imgsz`` pixels and tagged (nothing to compare it with), exported and
+    checked like a trained checkpoint; lineage: the file's sha256. Raises RegistrationError before
+    anything is logged when the file cannot be read or does not fit the val split."""
+    check_tracking_uri(tracking_uri)
+    try:
+        source = load_source(weights)
+    except PretrainedError as e:
+        raise RegistrationError(f"cannot register {weights}: {e}") from e
+    if source.kind != "reference":
+        raise RegistrationError(
+            f"{weights} is a checkpoint of this project: register it with --run (its recorded mAP is checked)"
+        )
+    if imgsz < 32 or imgsz % 32:
+        raise RegistrationError(f"imgsz must be a positive multiple of 32, got {imgsz}")
+    root = Path(data_root)
+    try:
+        manifest = read_manifest(manifest_path(root, "val"))
+    except (DataError, OSError) as e:
+        raise RegistrationError(f"cannot read the val shards of {root} for verification: {e}") from e
+    class_names = list(manifest.class_names)
+    if source.num_classes != manifest.num_classes or (
+        source.class_names and list(source.class_names) != class_names
+    ):
+        raise RegistrationError(
+            f"{weights} predicts {source.num_classes} classes {list(source.class_names)[:8]}..., "
+            f"{manifest.path} lists {manifest.num_classes}: {class_names[:8]}...; its mAP there would be "
+            "meaningless"
+        )
+    model = source.model
+    pruned = prune(model)
+    loader = make_val_loader(
+        manifest, batch_size=16, imgsz=imgsz, rank=0, world_size=1, num_workers=num_workers
+    )
+    images = next(iter(loader))[0][:8].contiguous()
+    relative = verify_outputs(model, pruned, images.float() / 255)
+    scores = evaluate_distributed(
+        pruned,
+        loader,
+        coco_json_path(root, "val"),
+        torch.device("cpu"),
+    )
+    verification = Verification(
+        output_max_rel_diff=relative,
+        map50_95=float(scores["map50_95"]),
+        map50=float(scores["map50"]),
+        recorded_map50_95=float("nan"),  # a reference file records none
+    )
+    info = model.reference_info
+    spec = ModelSpec(
+        model_name=info.layout, num_classes=source.num_classes, class_names=class_names, imgsz=imgsz
+    )
+    tags = {
+        "map50_95": f"{verification.map50_95:.6f}",
+        "map50": f"{verification.map50:.6f}",
+        "params": str(count_parameters(pruned)),
+        "gflops": f"{gflops(pruned, imgsz, imgsz):.4f}",
+        "imgsz": str(imgsz),
+        "model_name": info.layout,
+        "class_names": json.dumps(class_names),
+        names.MANIFEST_HASH_TAG: "",  # the reference's own training data is not known here
+        names.VAL_MANIFEST_HASH_TAG: manifest.manifest_hash,
+        names.SOURCE_CHECKPOINT_TAG: str(Path(weights).resolve()),
+        names.LINEAGE_SHA256_TAG: info.sha256,
+        "epoch": "" if info.epoch is None else str(info.epoch),
+        "reference.weights": info.weights,
+    }
+    src = CheckpointSource(checkpoint=Path(weights).resolve())
+    client = MlflowClient(tracking_uri)
+    return _export_and_register(
+        client, tracking_uri, name, src, experiment, pruned, spec, images, tags, verification, promote
+    )
+
+
+def _export_and_register(
+    client: MlflowClient,
+    tracking_uri: str,
+    name: str,
+    src: CheckpointSource,
+    experiment: str | None,
+    pruned: DetectionModel,
+    spec: ModelSpec,
+    images: torch.Tensor,
+    tags: dict[str, str],
+    verification: Verification,
+    promote: bool,
+) -> RegistrationResult:
+    """Export ``pruned`` to ONNX and TorchScript (each checked against it on ``images``, uint8 val images
+    (B, 3, S, S)), then log the pyfunc model and register a version with ``tags``."""
+    imgsz = spec.imgsz
     example = _example_image(images[0])
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
