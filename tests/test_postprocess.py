@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from yolov9.postprocess import NMS_BLOCK, nms, non_max_suppression
+from yolov9.postprocess import ROUNDS_PER_CHECK, nms, non_max_suppression
 
 
 def head_output(rows: list[tuple[list[float], list[float]]]) -> torch.Tensor:
@@ -119,14 +119,20 @@ def test_nms_matches_python_reference_on_random_boxes(seed):
     assert nms(boxes, scores, 0.45).tolist() == expected
 
 
-def test_nms_matches_python_reference_across_blocks():
-    boxes, scores = random_boxes(NMS_BLOCK + 300, seed=3, size=400.0)
+def test_nms_matches_python_reference_on_many_boxes():
+    boxes, scores = random_boxes(1300, seed=3, size=400.0)
     expected = reference_nms(boxes.tolist(), scores.tolist(), 0.5)
     assert nms(boxes, scores, 0.5).tolist() == expected
 
 
+def test_nms_keeps_equal_scores_in_input_order():
+    # three disjoint boxes with one score, then a fourth overlapping the second by IoU 0.82
+    boxes = torch.tensor([[0.0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10], [21, 0, 31, 10]])
+    assert nms(boxes, torch.tensor([0.5, 0.5, 0.5, 0.5]), 0.5).tolist() == [0, 1, 2]
+
+
 def test_nms_max_keep_is_a_prefix_of_the_full_result():
-    boxes, scores = random_boxes(NMS_BLOCK + 500, seed=4, size=600.0)
+    boxes, scores = random_boxes(1500, seed=4, size=600.0)
     full = nms(boxes, scores, 0.5)
     assert nms(boxes, scores, 0.5, max_keep=50).tolist() == full[:50].tolist()
 
@@ -148,6 +154,38 @@ def test_non_max_suppression_matches_per_class_reference():
         expected += [boxes[idx[k]].tolist() + [best[idx[k]].item(), float(c)] for k in kept]
     expected.sort(key=lambda row: -row[4])
     assert_rows(out, expected)
+
+
+def test_a_batch_gives_each_image_what_it_gives_alone():
+    # images with 40, 0 and 120 candidates above the threshold: padding must not leak between them
+    g = torch.Generator().manual_seed(6)
+    pred = torch.rand(3, 4 + 2, 150, generator=g, dtype=torch.float64) * 100
+    pred[:, 4:] = torch.rand(3, 2, 150, generator=g, dtype=torch.float64)
+    pred[0, 4:, 20:] = 0.0
+    pred[1, 4:] = 0.0
+    pred[2, 4:, 60:] = 0.0
+    batch = non_max_suppression(pred, conf_thres=0.05, iou_thres=0.3, multi_label=True)
+    alone = [
+        non_max_suppression(pred[i : i + 1], conf_thres=0.05, iou_thres=0.3, multi_label=True)[0]
+        for i in range(3)
+    ]
+    assert [len(b) for b in batch] == [len(a) for a in alone] and len(batch[1]) == 0
+    for b, a in zip(batch, alone, strict=True):
+        assert torch.equal(b, a)
+
+
+def test_nms_runs_past_the_done_checks_until_max_keep():
+    # 3 * ROUNDS_PER_CHECK + 5 disjoint boxes: every one is kept, across several done-checks
+    n = 3 * ROUNDS_PER_CHECK + 5
+    boxes = torch.tensor([[20.0 * i, 0, 20 * i + 10, 10] for i in range(n)])
+    assert nms(boxes, torch.linspace(1, 0.1, n), 0.5).tolist() == list(range(n))
+
+
+def test_max_nms_keeps_only_the_highest_candidates():
+    # four disjoint boxes; with max_nms 2 only the two best scores can survive
+    pred = head_output([([10.0 + 30 * i, 10, 10, 10], [s]) for i, s in enumerate([0.3, 0.9, 0.5, 0.7])])
+    (out,) = non_max_suppression(pred, max_nms=2)
+    torch.testing.assert_close(out[:, 4], torch.tensor([0.9, 0.7]))
 
 
 @pytest.mark.parametrize("shape", [(7, 100), (1, 4, 100), (1, 7, 100, 1)])

@@ -14,8 +14,8 @@ import torch
 
 # Class offset for class-aware NMS: larger than any image side, so boxes of different classes never overlap.
 MAX_WH = 7680
-# Boxes resolved together by one IoU matrix: 1024^2 bools stay small on any device.
-NMS_BLOCK = 1024
+# Greedy rounds between checks that every image is done: a check is a host sync on a GPU.
+ROUNDS_PER_CHECK = 16
 
 
 def xywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
@@ -36,26 +36,54 @@ def pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / union.clamp(min=torch.finfo(union.dtype).tiny)
 
 
-def _resolve_block(overlap: torch.Tensor) -> torch.Tensor:
-    """Greedy NMS inside one score-sorted block of ``n`` boxes: boolean keep mask ``(n,)``.
+def greedy_nms(
+    boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor, iou_thres: float, max_keep: int
+) -> torch.Tensor:
+    """Greedy NMS of B images at once: indices ``(B, max_keep)`` of the kept boxes, by score descending,
+    -1 past each image's last.
 
-    ``overlap[j, i]`` (j < i only) says box j would suppress box i. A box is kept iff no earlier *kept*
-    box suppresses it; iterating that rule from "keep all" reaches its unique fixed point (the greedy
-    result) after at most as many rounds as the longest alternating suppression chain, which is a
-    handful for real detections, and each round is one vectorised pass instead of n Python steps.
+    ``boxes`` ``(B, N, 4)`` xyxy, ``scores`` ``(B, N)``, ``valid`` ``(B, N)`` bool (padding is False). A box
+    is dropped when its IoU with a kept, higher-scored box is > ``iou_thres``; ties in score keep input
+    order. Round k keeps each image's best remaining box and drops what it overlaps: O(max_keep * N) work
+    per image, one vectorised pass per round over the whole batch, no IoU matrix. Every ROUNDS_PER_CHECK
+    rounds (the only host syncs) it stops if every image is done and drops the boxes already decided, so
+    that later rounds only touch the boxes still in play.
     """
-    keep = torch.ones(overlap.shape[0], dtype=torch.bool, device=overlap.device)
-    while True:
-        new = ~(overlap & keep[:, None]).any(0)
-        if torch.equal(new, keep):
-            return keep
-        keep = new
+    batch, n = scores.shape
+    keep = torch.full((batch, max_keep), -1, dtype=torch.long, device=boxes.device)
+    if n == 0 or max_keep == 0:
+        return keep
+    order = scores.argsort(dim=1, descending=True, stable=True)  # positions of the boxes still in play
+    alive = valid.gather(1, order)
+    x1, y1, x2, y2 = boxes.gather(1, order[..., None].expand(-1, -1, 4)).unbind(-1)
+    areas = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
+    rows = torch.arange(batch, device=boxes.device)
+    tiny = torch.finfo(boxes.dtype).tiny
+    for k in range(max_keep):
+        if k % ROUNDS_PER_CHECK == 0 and k:
+            left = int(alive.sum(1).max())
+            if left == 0:
+                break
+            if left <= alive.shape[1] // 2:  # keep the alive boxes, in order, and drop the rest
+                take = alive.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :left]
+                order, alive = order.gather(1, take), alive.gather(1, take)
+                x1, y1, x2, y2, areas = (c.gather(1, take) for c in (x1, y1, x2, y2, areas))
+        best = alive.to(torch.uint8).argmax(1)  # the first alive box: the best one left, ties in input order
+        found = alive[rows, best]
+        keep[:, k] = torch.where(found, order[rows, best], -1)
+        bx1, by1, bx2, by2 = (c[rows, best][:, None] for c in (x1, y1, x2, y2))
+        inter = (torch.minimum(x2, bx2) - torch.maximum(x1, bx1)).clamp_(min=0)
+        inter *= (torch.minimum(y2, by2) - torch.maximum(y1, by1)).clamp_(min=0)
+        union = areas + areas[rows, best][:, None] - inter
+        alive &= inter / union.clamp_(min=tiny) <= iou_thres
+        alive[rows, best] = False
+    return keep
 
 
 def nms(
     boxes: torch.Tensor, scores: torch.Tensor, iou_thres: float, max_keep: int | None = None
 ) -> torch.Tensor:
-    """Greedy NMS: indices ``(k,)`` into ``boxes`` of the kept boxes, by score descending.
+    """Greedy NMS of one image: indices ``(k,)`` into ``boxes`` of the kept boxes, by score descending.
 
     ``boxes`` is ``(N, 4)`` xyxy, ``scores`` ``(N,)``. A box is dropped when its IoU with a kept,
     higher-scored box is > ``iou_thres``; ties in score keep input order. Stops after ``max_keep``
@@ -66,32 +94,12 @@ def nms(
             f"expected boxes (N, 4) and scores (N,), got {tuple(boxes.shape)} and {tuple(scores.shape)}"
         )
     _check_unit("iou_thres", iou_thres)
-    order = scores.argsort(descending=True, stable=True)
-    if max_keep is not None:
-        if max_keep < 0:
-            raise ValueError(f"max_keep must be >= 0, got {max_keep}")
-        if max_keep == 0:
-            return order[:0]
-    ordered = boxes[order]
-    kept: list[torch.Tensor] = []
-    kept_boxes = ordered[:0]
-    n_kept = 0
-    for start in range(0, len(order), NMS_BLOCK):
-        block = ordered[start : start + NMS_BLOCK]
-        alive = torch.ones(len(block), dtype=torch.bool, device=block.device)
-        for k in range(0, len(kept_boxes), NMS_BLOCK):  # chunked: kept x block IoU stays bounded
-            alive &= (pairwise_iou(kept_boxes[k : k + NMS_BLOCK], block) <= iou_thres).all(0)
-        # Only boxes that survive the kept ones can matter, and after the first block that is usually few.
-        alive = alive.nonzero().squeeze(1)
-        candidates = block[alive]
-        keep = alive[_resolve_block((pairwise_iou(candidates, candidates) > iou_thres).triu(1))]
-        kept.append(keep + start)
-        kept_boxes = torch.cat((kept_boxes, block[keep]))
-        n_kept += len(keep)
-        if max_keep is not None and n_kept >= max_keep:
-            break
-    result = order[torch.cat(kept)] if kept else order[:0]
-    return result if max_keep is None else result[:max_keep]
+    if max_keep is not None and max_keep < 0:
+        raise ValueError(f"max_keep must be >= 0, got {max_keep}")
+    limit = len(scores) if max_keep is None else min(max_keep, len(scores))
+    valid = torch.ones(1, len(scores), dtype=torch.bool, device=scores.device)
+    keep = greedy_nms(boxes[None], scores[None], valid, iou_thres, limit)[0]
+    return keep[keep >= 0]
 
 
 def _check_unit(name: str, value: float) -> None:
@@ -134,26 +142,41 @@ def non_max_suppression(
     if not torch.isfinite(prediction).all():
         raise ValueError("prediction contains NaN or inf (diverged model?)")
 
-    out = []
-    for x in prediction.transpose(1, 2):  # (A, 4 + nc) per image
-        boxes, cls_scores = xywh_to_xyxy(x[:, :4]), x[:, 4:]
-        if multi_label:
-            i, j = (cls_scores > conf_thres).nonzero(as_tuple=True)
-            scores, classes, boxes = cls_scores[i, j], j, boxes[i]
-        else:
-            scores, classes = cls_scores.max(1)
-            mask = scores > conf_thres
-            scores, classes, boxes = scores[mask], classes[mask], boxes[mask]
-        # topk beats a full sort of the (up to A * nc) multi-label candidates at low conf_thres.
-        top = (
-            scores.topk(max_nms).indices
-            if len(scores) > max_nms
-            else scores.argsort(descending=True, stable=True)
-        )
-        scores, classes, boxes = scores[top], classes[top].to(x.dtype), boxes[top]
-        # Offsets up to nc * MAX_WH overflow float16, so NMS runs in at least float32.
-        nms_boxes = boxes.to(torch.promote_types(boxes.dtype, torch.float32))
-        offset = 0 if class_agnostic else classes[:, None].to(nms_boxes.dtype) * MAX_WH
-        keep = nms(nms_boxes + offset, scores, iou_thres, max_keep=max_det)
-        out.append(torch.cat((boxes[keep], scores[keep, None], classes[keep, None]), 1))
-    return out
+    x = prediction.transpose(1, 2)  # (B, A, 4 + nc)
+    batch, anchors, nc = x.shape[0], x.shape[1], x.shape[2] - 4
+    boxes, cls_scores = xywh_to_xyxy(x[..., :4]), x[..., 4:]
+    if multi_label:  # a candidate per (anchor, class), flattened anchor-major as nonzero() orders them
+        scores = cls_scores.reshape(batch, anchors * nc)
+        per_anchor = nc
+    else:
+        scores, best_class = cls_scores.max(2)
+        per_anchor = 1
+    passed = scores > conf_thres
+    # One host sync per batch: how many candidates the fullest image has (at most max_nms go on).
+    width = min(int(passed.sum(1).max()), max_nms) if batch else 0
+    # topk of the masked scores picks each image's best candidates (padding: non-candidates)...
+    masked = torch.where(passed, scores, torch.full_like(scores, -1.0))
+    top = masked.topk(width, dim=1, sorted=False).indices
+    # ...and sorting them by input position first makes the stable sort in greedy_nms keep input order.
+    top = top.sort(dim=1).values
+    valid = passed.gather(1, top)
+    scores = scores.gather(1, top)
+    anchor = top // per_anchor
+    classes = top % nc if multi_label else best_class.gather(1, anchor)
+    boxes = boxes.gather(1, anchor[..., None].expand(-1, -1, 4))
+    # Offsets up to nc * MAX_WH overflow float16, so NMS runs in at least float32.
+    nms_boxes = boxes.to(torch.promote_types(boxes.dtype, torch.float32))
+    if not class_agnostic:
+        nms_boxes = nms_boxes + classes[..., None].to(nms_boxes.dtype) * MAX_WH
+    keep = greedy_nms(nms_boxes, scores, valid, iou_thres, min(max_det, width))
+    counts = (keep >= 0).sum(1).tolist()
+    index = keep.clamp(min=0)[..., None]
+    rows = torch.cat(
+        (
+            boxes.gather(1, index.expand(-1, -1, 4)),
+            scores.gather(1, index[..., 0])[..., None],
+            classes.gather(1, index[..., 0])[..., None].to(x.dtype),
+        ),
+        2,
+    )
+    return [rows[b, :count] for b, count in enumerate(counts)]
