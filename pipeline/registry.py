@@ -459,13 +459,20 @@ def register_reference(
     except (DataError, OSError) as e:
         raise RegistrationError(f"cannot read the val shards of {root} for verification: {e}") from e
     class_names = list(manifest.class_names)
-    if source.num_classes != manifest.num_classes or (
-        source.class_names and list(source.class_names) != class_names
-    ):
+    if source.num_classes != manifest.num_classes:
         raise RegistrationError(
-            f"{weights} predicts {source.num_classes} classes {list(source.class_names)[:8]}..., "
-            f"{manifest.path} lists {manifest.num_classes}: {class_names[:8]}...; its mAP there would be "
-            "meaningless"
+            f"{weights} predicts {source.num_classes} classes, {manifest.path} lists {manifest.num_classes} "
+            f"({', '.join(class_names[:8])}{', ...' if len(class_names) > 8 else ''}): its mAP there "
+            "would be meaningless"
+        )
+    if source.class_names and list(source.class_names) != class_names:
+        # the reference names classes 0, 1, ... when its data YAML had no names: the shards' names serve
+        log.warning(
+            "%s names its classes %s, %s %s: the version is registered with the shards' names",
+            weights,
+            list(source.class_names)[:8],
+            manifest.path,
+            class_names[:8],
         )
     model = source.model
     pruned = prune(model)
@@ -504,6 +511,7 @@ def register_reference(
         names.LINEAGE_SHA256_TAG: info.sha256,
         "epoch": "" if info.epoch is None else str(info.epoch),
         "reference.weights": info.weights,
+        "reference.class_names": json.dumps(list(info.class_names)),
     }
     src = CheckpointSource(checkpoint=Path(weights).resolve())
     client = MlflowClient(tracking_uri)

@@ -1,0 +1,77 @@
+"""A reference checkpoint file registered and used for prediction straight away (real sqlite MLflow store).
+
+The fixture ``gelan-t-nc3.pt`` (written by the reference implementation, random weights, 3 classes) is
+verified on val shards of three classes: its measured mAP is tagged, whatever it is.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from jobs import predict
+from pipeline import names
+from pipeline.data.synthetic import SYNTHETIC_CLASSES, synthetic_records
+from pipeline.data.writer import write_shards
+from pipeline.pretrained import sha256_of
+from pipeline.registry import RegistrationError, register_reference
+from pipeline.weights_source import resolve_weights
+from tests.conftest import val_jpegs
+
+pytestmark = pytest.mark.slow
+REFERENCE = (
+    Path(__file__).resolve().parents[1].parent
+    / "shared"
+    / "fixtures"
+    / "reference-checkpoints"
+    / "gelan-t-nc3.pt"
+)
+
+
+@pytest.fixture(scope="module")
+def three_class_shards(tmp_path_factory) -> Path:
+    """Val shards of the synthetic set without its fourth class (crosses unlabelled): 6 images."""
+    root = tmp_path_factory.mktemp("three-classes")
+    records = []
+    for r in synthetic_records(6, 128, seed=1):
+        keep = r.classes < 3
+        records.append(dataclasses.replace(r, boxes=r.boxes[keep], classes=r.classes[keep]))
+    write_shards(records, list(SYNTHETIC_CLASSES[:3]), root, "val", shard_size=6)
+    return root
+
+
+def test_a_reference_file_is_registered_with_its_measured_map_and_sha256(tmp_path, three_class_shards):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = register_reference(REFERENCE, "reference-det", uri, three_class_shards, imgsz=128)
+    version = MlflowClient(uri).get_model_version("reference-det", result.version)
+    assert version.tags[names.LINEAGE_SHA256_TAG] == sha256_of(REFERENCE)
+    assert version.tags["model_name"] == "gelan-t"
+    assert float(version.tags["map50_95"]) == pytest.approx(result.verification.map50_95)
+    assert result.verification.output_max_rel_diff <= 1e-4  # pruned (fused) = the file's model
+    # the registered version leads back to the file: a training run can start from it
+    assert resolve_weights("models:/reference-det@champion", uri) == str(REFERENCE)
+
+
+def test_a_reference_file_for_other_classes_is_refused_before_anything_is_logged(tmp_path, tiny_shards):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(RegistrationError, match="predicts 3 classes, .* lists 4"):
+        register_reference(REFERENCE, "reference-det", uri, tiny_shards, imgsz=128)
+    assert MlflowClient(uri).search_registered_models() == []
+
+
+def test_predict_reads_a_reference_file_directly(tmp_path, three_class_shards, capsys):
+    images = val_jpegs(three_class_shards, tmp_path / "images")
+    out = tmp_path / "out"
+    argv = ["--model", str(REFERENCE), "--source", str(tmp_path / "images"), "--out", str(out)]
+    assert predict.main([*argv, "--imgsz", "128", "--conf", "0.0", "--max-det", "5"]) == 0
+    detections = json.loads((out / "detections.json").read_text())
+    assert sorted(detections) == sorted(images)
+    for det in detections.values():  # conf 0: every image gets its max_det boxes
+        assert len(det["boxes"]) == 5 and set(det["class_names"]) <= set(SYNTHETIC_CLASSES[:3]) | {
+            "0",
+            "1",
+            "2",
+        }
+    assert (out / sorted(images)[0]).is_file()
