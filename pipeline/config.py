@@ -88,6 +88,8 @@ class TrainConfig:
     val_iou: float = 0.7
     val_max_det: int = 300
     progress_every_s: float = 30.0  # a progress line every N seconds within an epoch (0: none)
+    max_bad_steps: int = 20  # this many skipped (non-finite) steps in a row stop the run
+    tracking_patience_s: float = 300.0  # how long the end of a run waits for an unreachable MLflow server
 
 
 @dataclass
@@ -233,6 +235,8 @@ def _check_values(cfg: Config, where: str) -> None:
         (t.amp in ("auto", "bf16", "fp16", "off"), "train.amp", "must be auto, bf16, fp16 or off"),
         (t.val_every >= 1, "train.val_every", "must be >= 1"),
         (t.progress_every_s >= 0, "train.progress_every_s", "must be >= 0"),
+        (t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1"),
+        (t.tracking_patience_s >= 0, "train.tracking_patience_s", "must be >= 0"),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1"),
         (t.steps_per_epoch is None or t.steps_per_epoch >= 1, "train.steps_per_epoch", "must be >= 1"),
         (d.num_workers >= 0, "data.num_workers", "must be >= 0"),

@@ -1,18 +1,28 @@
 """MLflow tracking of a training run: reachability check, run creation/resumption, metrics, artifacts.
 
 The run is created on the driver before any worker starts (an unreachable server fails the job at
-once). Per-epoch metrics are logged with ``log_epoch_metrics``: by pipeline.train.MlflowEpochLogger, a Ray
-Train callback on the controller, once per persisted report (a restarted worker group neither loses nor
-duplicates an epoch), or by the local run after each epoch.
+once). After that, tracking never stops training: everything is sent through a :class:`TrackingOutbox`,
+which keeps records in order, retries them with backoff while the server is away, and writes what it
+could not send to a JSON-lines file that ``python -m jobs.sync_tracking`` replays later. Each epoch's
+metrics carry the epoch as step and the epoch's end time as timestamp, so the same epoch sent twice
+(by the live logger and by the end-of-run reconciliation, or by a replay) is stored once.
 """
 
 from __future__ import annotations
 
+import base64
+import json
+import logging
 import os
 import re
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,16 +113,213 @@ def start_or_resume_run(
     return run.info.run_id
 
 
-def log_epoch_metrics(uri: str, run_id: str, metrics: dict[str, Any]) -> None:
-    """One epoch's numeric metrics, logged at step = ``metrics["epoch"]``."""
-    epoch = int(metrics.get(names.EPOCH, 0))
-    now_ms = int(time.time() * 1000)
-    values = [
-        mlflow.entities.Metric(k, float(v), now_ms, epoch)
+UNSENT_FILE = "unsent-tracking.jsonl"
+METRICS_PER_BATCH = 1000  # the most metrics MLflow takes in one log_batch
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrackingRecord:
+    """One thing to send to a run: ``metrics`` (``values`` at ``step``, ``timestamp_ms``), ``artifact``
+    (``data``, the bytes of file ``name``, under ``artifact_path``), ``tag`` (``name`` = ``value``) or
+    ``status`` (the run terminated with status ``value``)."""
+
+    kind: str
+    run_id: str
+    step: int = 0
+    timestamp_ms: int = 0
+    values: dict[str, float] = field(default_factory=dict)
+    name: str = ""
+    value: str = ""
+    artifact_path: str | None = None
+    data: bytes = b""
+
+    def to_json(self, uri: str) -> str:
+        """One line of an unsent-tracking file: the record and the store it was meant for."""
+        fields = asdict(self)
+        fields["data"] = base64.b64encode(self.data).decode("ascii")
+        return json.dumps({"uri": uri, **fields})
+
+    @classmethod
+    def from_json(cls, line: str) -> tuple[str, TrackingRecord]:
+        fields = json.loads(line)
+        uri = fields.pop("uri")
+        fields["data"] = base64.b64decode(fields.get("data", ""))
+        return uri, cls(**fields)
+
+
+def epoch_record(run_id: str, metrics: dict[str, Any]) -> TrackingRecord:
+    """An epoch's numeric metrics at step = epoch, stamped with the epoch's end time (so a copy sent again
+    is the same MLflow row and is stored once)."""
+    stamp = float(metrics.get(names.EPOCH_END_TIME, time.time()))
+    values = {
+        k: float(v)
         for k, v in metrics.items()
-        if isinstance(v, (int, float)) and k != names.EPOCH
-    ]
-    MlflowClient(uri).log_batch(run_id, metrics=values)
+        if isinstance(v, (int, float)) and k not in (names.EPOCH, names.EPOCH_END_TIME)
+    }
+    return TrackingRecord(
+        "metrics",
+        run_id,
+        step=int(metrics.get(names.EPOCH, 0)),
+        timestamp_ms=int(stamp * 1000),
+        values=values,
+    )
+
+
+def artifact_record(run_id: str, path: str | Path, artifact_path: str | None = None) -> TrackingRecord:
+    """A file to log as an artifact, read now (the file may be gone by the time the server is back)."""
+    path = Path(path)
+    return TrackingRecord(
+        "artifact", run_id, name=path.name, artifact_path=artifact_path, data=path.read_bytes()
+    )
+
+
+def server_reachable(uri: str, timeout_s: float = 5.0) -> bool:
+    """Whether an http(s) server answers /health now (other stores are local: always). Asked before each
+    send, because MLflow's own client retries a refused connection for minutes before it gives up."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def send_record(client: MlflowClient, record: TrackingRecord) -> None:
+    """Send one record; raises whatever MLflow raises."""
+    if record.kind == "metrics":
+        items = [
+            mlflow.entities.Metric(k, v, record.timestamp_ms, record.step) for k, v in record.values.items()
+        ]
+        for i in range(0, len(items), METRICS_PER_BATCH):
+            client.log_batch(record.run_id, metrics=items[i : i + METRICS_PER_BATCH])
+    elif record.kind == "artifact":
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / record.name
+            path.write_bytes(record.data)
+            client.log_artifact(record.run_id, str(path), record.artifact_path)
+    elif record.kind == "tag":
+        client.set_tag(record.run_id, record.name, record.value)
+    elif record.kind == "status":
+        client.set_terminated(record.run_id, status=record.value)
+    else:
+        raise ValueError(f"unknown tracking record kind {record.kind!r}")
+
+
+class TrackingOutbox:
+    """Records for the MLflow store at ``uri``, sent in order; a record that fails stays first in line.
+
+    ``send(patience_s)`` tries until everything is sent or ``patience_s`` has passed, waiting 1, 2, 4, ...
+    up to ``max_wait_s`` seconds between tries; it never raises for a tracking failure. ``write_unsent``
+    appends what is left to a JSON-lines file. Thread-safe: the Ray controller's logger adds records from
+    its callback and sends them from a thread of its own.
+    """
+
+    def __init__(self, uri: str, max_wait_s: float = 60.0) -> None:
+        self.uri = uri
+        self.max_wait_s = max_wait_s
+        self.pending: deque[TrackingRecord] = deque()
+        self.last_error = ""
+        self._lock = threading.Lock()
+
+    def add(self, *records: TrackingRecord) -> None:
+        with self._lock:
+            self.pending.extend(records)
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
+        """Queue a file as ``MlflowClient.log_artifact`` would send it (code that logs files takes either)."""
+        self.add(artifact_record(run_id, local_path, artifact_path))
+
+    def send(self, patience_s: float) -> bool:
+        """Send what is pending; True when nothing is left."""
+        deadline, wait = time.monotonic() + patience_s, 1.0
+        client = MlflowClient(self.uri)
+        while True:
+            if self._send_pending(client):
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(wait, left))
+            wait = min(wait * 2, self.max_wait_s)
+
+    def _send_pending(self, client: MlflowClient) -> bool:
+        while self.pending:
+            if not server_reachable(self.uri):
+                self.last_error = f"{self.uri} does not answer"
+                return False
+            record = self.pending[0]
+            try:
+                send_record(client, record)
+            except Exception as e:  # noqa: BLE001 -- tracking must never stop training
+                self.last_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                return False
+            with self._lock:
+                self.pending.popleft()
+        return True
+
+    def write_unsent(self, path: str | Path) -> Path | None:
+        """Append the pending records to ``path`` (JSON lines) and forget them; None when nothing is left."""
+        with self._lock:
+            records, self.pending = list(self.pending), deque()
+        if not records:
+            return None
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.writelines(r.to_json(self.uri) + "\n" for r in records)
+        return path
+
+
+def logged_steps(uri: str, run_id: str, key: str = names.TRAIN_TOTAL) -> set[int] | None:
+    """The steps at which ``key`` was logged to the run, or None when the store cannot be asked now."""
+    if not server_reachable(uri):
+        return None
+    try:
+        return {m.step for m in MlflowClient(uri).get_metric_history(run_id, key)}
+    except Exception:  # noqa: BLE001 -- unknown: the caller sends everything (duplicates are stored once)
+        return None
+
+
+def epoch_records(uri: str, run_id: str, history: Iterable[dict[str, float]]) -> list[TrackingRecord]:
+    """The epochs of ``history`` that the run does not hold yet (all of them if the store cannot say)."""
+    present = logged_steps(uri, run_id) or set()
+    return [epoch_record(run_id, h) for h in history if int(h[names.EPOCH]) not in present]
+
+
+def read_unsent(path: str | Path) -> list[tuple[str, TrackingRecord]]:
+    """The (tracking URI, record) lines of an unsent-tracking file, in order."""
+    lines = Path(path).read_text().splitlines()
+    try:
+        return [TrackingRecord.from_json(line) for line in lines if line.strip()]
+    except (ValueError, KeyError, TypeError) as e:
+        raise TrackingError(f"{path} is not an unsent-tracking file: {type(e).__name__}: {e}") from e
+
+
+def replay_unsent(path: str | Path, uri: str | None = None, patience_s: float = 60.0) -> int:
+    """Send the records of an unsent-tracking file (to ``uri`` if given, else where each was meant to go),
+    in order; the file is left holding only what still could not be sent, or removed. Records already in
+    the run (a previous replay that was cut short) are stored once. Returns the number left."""
+    path = Path(path)
+    left: list[tuple[str, TrackingRecord]] = []
+    by_uri: dict[str, TrackingOutbox] = {}
+    for target, record in read_unsent(path):
+        by_uri.setdefault(uri or target, TrackingOutbox(uri or target)).add(record)
+    for outbox in by_uri.values():
+        if not outbox.send(patience_s):
+            log.warning("MLflow %s: %d records not sent (%s)", outbox.uri, len(outbox), outbox.last_error)
+            left += [(outbox.uri, r) for r in outbox.pending]
+    if left:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(r.to_json(u) + "\n" for u, r in left))
+        os.replace(tmp, path)
+    else:
+        path.unlink()
+    return len(left)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

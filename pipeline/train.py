@@ -2,8 +2,14 @@
 
 ``train_worker`` runs the engine (``pipeline.training``) on each Ray Train worker (DDP via Ray Train);
 ``fit`` builds the TorchTrainer from a Config and runs it. Rerunning ``fit`` with the same
-``ray.run_name`` and ``ray.storage_path`` resumes from the latest checkpoint; ``ray.max_failures``
-restarts a failed worker group from it.
+``ray.run_name`` and ``ray.storage_path`` resumes from the latest checkpoint that loads (a truncated one
+is passed over for the one before); ``ray.max_failures`` restarts a failed worker group from it.
+
+What a long run meets: a diverged model (``train.max_bad_steps`` skipped steps in a row) ends the run
+with its cause (every worker reports it and returns, so Ray does not restart into the same divergence);
+SIGTERM to a worker checkpoints mid-epoch (``pipeline.training.preemption``) before the worker fails, so
+a restart or a rerun goes on from that step; an MLflow server that is away delays the metrics, never the
+training (``MlflowEpochLogger``).
 """
 
 from __future__ import annotations
@@ -12,26 +18,35 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch.config import _TorchBackend
 
 from pipeline import names
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.checkpoint import CheckpointError, TrainingCheckpoint, load_checkpoint, save_checkpoint
 from pipeline.config import Config, config_from_dict
 from pipeline.training import (
     ProgressLog,
     TrainingData,
+    TrainingDiverged,
     TrainState,
     build_train_state,
     epoch_summary,
     train,
 )
+from pipeline.training.artifacts import CURVES_PNG, write_epoch_artifacts
+from pipeline.training.preemption import install_sigterm_handler
+
+log = logging.getLogger(__name__)
 
 # Ray Train reads these from the driver's environment and hands them to its controller and workers.
 # The controller acts on a report or on the end of training only when it next polls the workers,
@@ -62,36 +77,101 @@ def ensure_ray(address: str | None) -> None:
 
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train worker entry: the engine's epoch loop on this worker's rank, resumed from Ray's latest
-    checkpoint, reporting each epoch (rank 0 attaches the checkpoint). ``loop_config["step_hooks"]``
+    loadable checkpoint, reporting each epoch (rank 0 attaches the checkpoint). ``loop_config["step_hooks"]``
     adds step hooks (the tests' fault injection)."""
     cfg = config_from_dict(loop_config["config"])
     context = ray.train.get_context()
-    resume = None
-    if (checkpoint := ray.train.get_checkpoint()) is not None:
-        with checkpoint.as_directory() as d:
-            resume = load_checkpoint(d, map_location=ray.train.torch.get_device())
     state = build_train_state(
         cfg,
         TrainingData.read(cfg.data.root),
         ray.train.torch.get_device(),
         rank=context.get_world_rank(),
         world=context.get_world_size(),
-        resume=resume,
+        resume=resume_checkpoint(ray.train.get_checkpoint()),
         wrap=lambda model: ray.train.torch.prepare_model(model, move_to_device=False),
     )
     hooks = [*loop_config.get("step_hooks", []), ProgressLog(cfg.train.progress_every_s)]
-    train(state, report_epoch, hooks)
+    try:
+        train(state, report_epoch, hooks, on_stop=report_stop)
+    except TrainingDiverged as e:
+        # Every rank diverges at the same step (the skip decision is agreed). Reported and returned rather
+        # than raised: Ray would restart the workers into the same seeded divergence up to max_failures.
+        log.error("%s", e)
+        ray.train.report({names.STOP_CAUSE: str(e)}, checkpoint=None)
+
+
+def resume_checkpoint(latest: ray.train.Checkpoint | None) -> TrainingCheckpoint | None:
+    """The newest checkpoint of the run that loads, from ``latest`` back: a truncated upload or a missing
+    file in the latest is passed over (with a warning) for the one before it."""
+    if latest is None:
+        return None
+    fs, parent = latest.filesystem, str(Path(latest.path).parent)
+    found = fs.get_file_info(pyarrow.fs.FileSelector(parent))
+    dirs = [i.path for i in found if i.type == pyarrow.fs.FileType.Directory]
+    # Ray names checkpoint folders checkpoint_<date and time>: older ones sort first
+    older = sorted(
+        (p for p in dirs if Path(p).name.startswith("checkpoint_") and p < latest.path), reverse=True
+    )
+    device = ray.train.torch.get_device()
+    for candidate in [latest, *(ray.train.Checkpoint(p, filesystem=fs) for p in older)]:
+        try:
+            with candidate.as_directory() as d:
+                state = load_checkpoint(d, map_location=device)
+        except (CheckpointError, OSError) as e:
+            log.warning("cannot resume from %s (%s); trying the checkpoint before it", candidate.path, e)
+            continue
+        if candidate is not latest:
+            log.warning("resuming from %s instead of the unreadable latest %s", candidate.path, latest.path)
+        return state
+    raise CheckpointError(f"no checkpoint of the run at {parent} loads; see the warnings above")
 
 
 def report_epoch(state: TrainState, metrics: dict[str, float]) -> None:
     """Report the epoch to Ray Train. Rank 0 reports the metrics and the checkpoint (every rank holds the
-    same weights); the others report nothing, which keeps Ray's per-report log line short."""
+    same weights) with the epoch's pictures beside it; the others report nothing, which keeps Ray's
+    per-report log line short."""
     if state.rank != 0:
         ray.train.report({}, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(d, state.checkpoint(metrics))
+        write_epoch_artifacts(state, d)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def report_stop(state: TrainState) -> None:
+    """After a stop request (SIGTERM): rank 0 reports the state as it is, mid-epoch (its ``step`` is the
+    loader position a rerun resumes from); never the best checkpoint (its score is -inf)."""
+    log.warning("rank %d: checkpointing at step %d (epoch %d) before stopping", state.rank, state.step,
+                state.epoch + 1)  # fmt: skip
+    if state.rank != 0:
+        ray.train.report({}, checkpoint=None)
+        return
+    metrics = {names.PREEMPTED: float(state.step), names.MAP: float("-inf")}
+    with tempfile.TemporaryDirectory() as d:
+        save_checkpoint(d, state.checkpoint(metrics))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def is_epoch_report(metrics: list[dict[str, Any]]) -> bool:
+    """Whether a report is a finished epoch (not a stop or a mid-epoch checkpoint)."""
+    return bool(metrics) and names.EPOCH in metrics[0] and names.PREEMPTED not in metrics[0]
+
+
+class PreemptibleTorchConfig(TorchConfig):
+    """Ray's torch set-up, plus SIGTERM as a stop request on every worker. Python installs signal handlers
+    from a process's main thread only; the train function runs in another thread, but a worker's actor
+    tasks (this backend's ``execute``) run on the main thread."""
+
+    @property
+    def backend_cls(self) -> type:
+        return _PreemptibleTorchBackend
+
+
+class _PreemptibleTorchBackend(_TorchBackend):
+    def on_training_start(self, worker_group: Any, backend_config: TorchConfig) -> None:
+        super().on_training_start(worker_group, backend_config)
+        worker_group.execute(install_sigterm_handler)
 
 
 class EpochPrinter(ray.train.UserCallback):
@@ -103,6 +183,8 @@ class EpochPrinter(ray.train.UserCallback):
         self.first_epoch: int | None = None
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if not is_epoch_report(metrics):
+            return
         m = metrics[0]
         epoch = int(m[names.EPOCH])
         if self.first_epoch is None:
@@ -125,7 +207,11 @@ def _controller_log() -> logging.Logger:
 
 
 class MlflowEpochLogger(ray.train.UserCallback):
-    """Logs rank 0's metrics of each persisted report to an MLflow run (step = epoch), on the controller.
+    """Sends rank 0's metrics of each persisted epoch report (step = epoch) and the pictures beside its
+    checkpoint to an MLflow run, from the controller, without ever holding up or failing the run: records
+    queue in a TrackingOutbox that a thread of this callback sends, retrying with backoff while the server
+    is away. What is still queued when the run ends is not lost: the job sends every epoch missing from
+    the run from the final checkpoint's history (``pipeline.train_job``).
 
     mlflow is imported at the first report, not with this module: Ray Train unpickles the run's callbacks
     in every worker too, where importing mlflow would add seconds to each worker's start.
@@ -133,12 +219,47 @@ class MlflowEpochLogger(ray.train.UserCallback):
 
     def __init__(self, tracking_uri: str, run_id: str) -> None:
         self.tracking_uri, self.run_id = tracking_uri, run_id
+        self._outbox: Any = None
+        self._wake = threading.Event()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["tracking_uri"], state["run_id"])
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        from pipeline.tracking import log_epoch_metrics
+        try:
+            if is_epoch_report(metrics):
+                self._queue(metrics[0], checkpoint)
+        except Exception as e:  # noqa: BLE001 -- a callback error would be a controller error
+            _controller_log().warning("MLflow logging of this epoch failed: %s", e)
 
-        if metrics:
-            log_epoch_metrics(self.tracking_uri, self.run_id, metrics[0])
+    def _queue(self, metrics: dict[str, Any], checkpoint: ray.train.Checkpoint | None) -> None:
+        from pipeline.tracking import TrackingOutbox, artifact_record, epoch_record
+
+        records = [epoch_record(self.run_id, metrics)]
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                pictures = [Path(d) / CURVES_PNG, Path(d) / names.PREDICTIONS_PNG]
+                records += [artifact_record(self.run_id, p) for p in pictures if p.is_file()]
+        if self._outbox is None:
+            self._outbox = TrackingOutbox(self.tracking_uri)
+            threading.Thread(target=self._send_forever, name="mlflow-outbox", daemon=True).start()
+        self._outbox.add(*records)
+        self._wake.set()
+
+    def _send_forever(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            waited = 0.0
+            while not self._outbox.send(patience_s=60.0):
+                waited += 60.0
+                _controller_log().warning(
+                    "MLflow %s unreachable for %.0f s (%s); training goes on, %d records queued",
+                    self.tracking_uri, waited, self._outbox.last_error, len(self._outbox),
+                )  # fmt: skip
 
 
 def fit(
@@ -148,6 +269,7 @@ def fit(
     callbacks: list[ray.train.UserCallback] | None = None,
 ) -> ray.train.Result:
     """Run ``train_worker`` on ``cfg.ray.num_workers`` Ray Train workers; resumes a run of the same name.
+    Raises TrainingDiverged with the workers' one-line cause when the model diverged.
 
     ``tracking`` is (MLflow tracking URI, run id) for per-epoch metrics. ``loop_extras`` adds keys
     to the loop config (``step_hooks``: the fault injection of the tests). Exports ``RAY_TRAIN_ENV`` to
@@ -164,6 +286,7 @@ def fit(
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), **(loop_extras or {})},
+        torch_config=PreemptibleTorchConfig(),
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers,
             use_gpu=cfg.ray.use_gpu,
@@ -182,4 +305,7 @@ def fit(
             callbacks=callbacks,
         ),
     )
-    return trainer.fit()
+    result = trainer.fit()
+    if cause := (result.metrics or {}).get(names.STOP_CAUSE):
+        raise TrainingDiverged(cause)
+    return result

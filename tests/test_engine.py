@@ -10,10 +10,10 @@ import torch
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import load_config
 from pipeline.training import (
-    NonFiniteLossError,
     ProgressLog,
     StepEvent,
     TrainingData,
+    TrainingDiverged,
     build_train_state,
     run_epoch,
     train,
@@ -88,14 +88,16 @@ def test_accumulation_ramps_up_during_warmup(tiny_shards):
     assert optimizer_steps_at(state, batches(6)) == [0, 2, 5]
 
 
-def test_a_non_finite_loss_stops_the_step_before_it_reaches_the_weights(tiny_shards):
-    cfg = config(tiny_shards, "loss.box=.inf")  # an infinite box gain: the first loss is infinite
+def test_non_finite_losses_in_a_row_stop_the_run_with_the_cause(tiny_shards):
+    cfg = config(tiny_shards, "loss.box=.inf", "train.max_bad_steps=2")  # every loss is infinite
     state = build_train_state(cfg, TrainingData.read(str(tiny_shards)), CPU)
     before = {k: v.clone() for k, v in state.model.named_parameters()}
-    with pytest.raises(NonFiniteLossError, match="non-finite loss inf at epoch 1, step 0"):
-        train_one_epoch(state, batches(1))
+    with pytest.raises(
+        TrainingDiverged, match="2 steps in a row skipped .last: non-finite loss at epoch 1, step 1"
+    ):
+        train_one_epoch(state, batches(3))
     assert all(torch.equal(before[k], v) for k, v in state.model.named_parameters())
-    assert state.ema.updates == 0 and state.step == 0
+    assert state.ema.updates == 0 and state.step == 1  # the second skipped step stopped the run
 
 
 def test_resuming_from_a_checkpoint_trains_exactly_like_an_uninterrupted_run(tiny_shards, tmp_path):

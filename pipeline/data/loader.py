@@ -35,6 +35,7 @@ from pipeline.data.manifest import DataError, Manifest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_Counts = tuple[int, int]  # (corrupt samples, shard errors) a worker met so far
 
 
 @dataclass(frozen=True, eq=False)
@@ -282,7 +283,7 @@ class _TrainStream(IterableDataset):
     def __init__(self, spec: _TrainSpec) -> None:
         self.spec = spec
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, tuple[int, int]]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, _Counts, list[int]]]:
         spec = self.spec
         worker, num_workers = _worker()
         errors = ErrorCounts()
@@ -299,22 +300,25 @@ class _TrainStream(IterableDataset):
         samples = buffered_shuffle(train_samples(spec, worker, num_workers, errors), size, rng)
         for _ in range(_batch_quota(spec.steps, worker, num_workers)):
             batch, slots = _new_batch(spec.batch_size, spec.imgsz)
-            boxes, classes = [], []
+            boxes, classes, ids = [], [], []
             for slot in slots:
                 main, partners = next(samples)
+                ids.append(main.image_id)
                 out = augment_train_sample(
                     main, partners, spec.imgsz, spec.augment, spec.mosaic, rng, dst=slot
                 )
                 boxes.append(out.boxes)
                 classes.append(out.classes)
-            yield batch.permute(0, 3, 1, 2), _targets(boxes, classes), worker, errors.as_tuple()
+            yield batch.permute(0, 3, 1, 2), _targets(boxes, classes), worker, errors.as_tuple(), ids
 
 
 class _ValStream(IterableDataset):
     def __init__(self, spec: _ValSpec) -> None:
         self.spec = spec
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[dict[str, Any]], int, tuple[int, int]]]:
+    def __iter__(
+        self,
+    ) -> Iterator[tuple[torch.Tensor, list[dict[str, Any]], int, tuple[int, int], list[int]]]:  # noqa: E501
         spec = self.spec
         worker, num_workers = _worker()
         errors = ErrorCounts()
@@ -328,23 +332,30 @@ class _ValStream(IterableDataset):
             h, w = sample.image.shape[:2]
             metas.append({"image_id": sample.image_id, "orig_shape": (h, w), "ratio": ratio, "pad": pad})
             if len(images) == spec.batch_size:
-                yield _images_to_tensor(images), metas, worker, errors.as_tuple()
+                yield _images_to_tensor(images), metas, worker, errors.as_tuple(), _ids(metas)
                 images, metas = [], []
         if images:
-            yield _images_to_tensor(images), metas, worker, errors.as_tuple()
+            yield _images_to_tensor(images), metas, worker, errors.as_tuple(), _ids(metas)
+
+
+def _ids(metas: list[dict[str, Any]]) -> list[int]:
+    return [m["image_id"] for m in metas]
 
 
 class Loader:
-    """Iterable over batches of a DataLoader whose workers send (a, b, worker_id, error counts).
+    """Iterable over batches of a DataLoader whose workers send (a, b, worker_id, error counts, image ids).
 
-    Yields (a, b); ``stats()`` = {"corrupt_samples", "shard_errors"} summed over the workers' latest counts.
-    ``len()`` is the number of batches when known in advance (train: steps_per_epoch).
+    Yields (a, b); ``stats()`` = {"corrupt_samples", "shard_errors"} summed over the workers' latest counts;
+    ``last_image_ids()`` the image ids of the batch yielded last (of a train batch: each image's main
+    sample, mosaic partners aside). ``len()`` is the number of batches when known in advance (train:
+    steps_per_epoch).
     """
 
     def __init__(self, dataloader: DataLoader, length: int | None) -> None:
         self._dataloader = dataloader
         self._length = length
         self._counts: dict[int, tuple[int, int]] = {}
+        self._ids: list[int] = []
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
         self._counts = {}
@@ -353,9 +364,13 @@ class Loader:
             # that touches it can hang for good), and one thread per worker is what we want anyway: shut the
             # pool down here so that the workers inherit none.
             cv2.setNumThreads(1)
-        for a, b, worker, counts in self._dataloader:
+        for a, b, worker, counts, ids in self._dataloader:
             self._counts[int(worker)] = tuple(int(c) for c in counts)
+            self._ids = [int(i) for i in ids]
             yield a, b
+
+    def last_image_ids(self) -> list[int]:
+        return list(self._ids)
 
     def __len__(self) -> int:
         if self._length is None:

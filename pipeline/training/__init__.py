@@ -2,19 +2,29 @@
 runs it on N workers; ``pipeline.training.local`` runs it in one process."""
 
 from pipeline.training.loop import run_epoch, train, validate
+from pipeline.training.preemption import StopRequested
 from pipeline.training.progress import ProgressBar, ProgressLog, epoch_summary, progress_hook
 from pipeline.training.state import TrainingData, TrainState, amp_dtype, build_train_state, restore
-from pipeline.training.step import EpochStats, NonFiniteLossError, StepEvent, StepHook, train_one_epoch
+from pipeline.training.step import (
+    BadStepGuard,
+    EpochStats,
+    StepEvent,
+    StepHook,
+    TrainingDiverged,
+    train_one_epoch,
+)
 
 __all__ = [
+    "BadStepGuard",
     "EpochStats",
-    "NonFiniteLossError",
     "ProgressBar",
     "ProgressLog",
     "StepEvent",
     "StepHook",
+    "StopRequested",
     "TrainState",
     "TrainingData",
+    "TrainingDiverged",
     "amp_dtype",
     "build_train_state",
     "epoch_summary",

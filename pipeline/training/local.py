@@ -1,26 +1,40 @@
 """The engine in one process, without Ray or DDP (``python -m jobs.train --local``): for debugging, a
 notebook, or a single GPU. Same config, same checkpoint files, same MLflow metrics as a Ray run.
 
-Checkpoints go to ``<ray.storage_path>/<ray.run_name>/local/checkpoint_<epoch>``; the best
-``train.keep_checkpoints`` by val mAP and the latest are kept, and a rerun resumes from the latest.
+Checkpoints go to ``<ray.storage_path>/<ray.run_name>/local/checkpoint_<epoch>``, with the epoch's pictures
+beside them; the best ``train.keep_checkpoints`` by val mAP and the latest are kept (older ones are deleted
+only once a newer one is complete), and a rerun resumes from the latest that loads. SIGTERM saves
+``checkpoint_<epoch>_step<step>`` mid-epoch, which a rerun resumes at that step.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from pipeline import names
-from pipeline.checkpoint import RunCheckpoints, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import (
+    CheckpointError,
+    RunCheckpoints,
+    TrainingCheckpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from pipeline.config import Config, ConfigError
-from pipeline.tracking import log_epoch_metrics
+from pipeline.tracking import TrackingOutbox, artifact_record, epoch_record
+from pipeline.training.artifacts import write_epoch_artifacts
 from pipeline.training.loop import train
+from pipeline.training.preemption import clear_stop_request, install_sigterm_handler
 from pipeline.training.progress import epoch_summary, progress_hook
 from pipeline.training.state import TrainingData, TrainState, build_train_state
 from pipeline.training.step import StepHook
@@ -43,37 +57,93 @@ def fit_local(
     cfg: Config, tracking: tuple[str, str] | None = None, hooks: Sequence[StepHook] = ()
 ) -> RunCheckpoints:
     """Train ``cfg`` in this process (GPU when ``ray.use_gpu`` and one is present), resuming from the
-    latest local checkpoint of the run; ``tracking`` is (MLflow URI, run id) for per-epoch metrics."""
+    latest loadable local checkpoint of the run; ``tracking`` is (MLflow URI, run id) for per-epoch metrics
+    and pictures, sent when the store answers and otherwise left to the job's end-of-run reconciliation."""
     directory = local_run_dir(cfg)
     device = torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
-    latest = _ranked(directory)[1]
-    state = build_train_state(
-        cfg, TrainingData.read(cfg.data.root), device, resume=load_checkpoint(latest) if latest else None
-    )
-    if latest:
-        log.info("resuming %s from %s (epoch %d)", cfg.ray.run_name, latest, state.epoch)
+    latest_path, latest = _latest_loadable(directory)
+    state = build_train_state(cfg, TrainingData.read(cfg.data.root), device, resume=latest)
+    if latest_path:
+        log.info(
+            "resuming %s from %s (epoch %d, step %d)", cfg.ray.run_name, latest_path, state.epoch, state.step
+        )
     started, first_epoch = time.monotonic(), state.epoch
+    outbox = TrackingOutbox(tracking[0]) if tracking is not None else None
 
     def on_epoch_end(state: TrainState, metrics: dict[str, float]) -> None:
-        path = directory / f"checkpoint_{state.epoch:06d}"
-        path.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(path, state.checkpoint(metrics))
-        (path / METRICS_FILE).write_text(json.dumps(metrics))
+        path = _save(directory / f"checkpoint_{state.epoch:06d}", state.checkpoint(metrics), metrics)
+        pictures = write_epoch_artifacts(state, path)
         _prune(directory, cfg.train.keep_checkpoints)
-        if tracking is not None:
-            log_epoch_metrics(*tracking, metrics)
+        if outbox is not None:
+            outbox.add(
+                epoch_record(tracking[1], metrics), *(artifact_record(tracking[1], p) for p in pictures)
+            )
+            outbox.send(patience_s=0)  # one try: training does not wait for the server
         done = state.epoch - first_epoch
-        eta = (time.monotonic() - started) / done * (cfg.train.epochs - state.epoch)
+        eta = (time.monotonic() - started) / max(done, 1) * (cfg.train.epochs - state.epoch)
         log.info(epoch_summary(metrics, cfg.train.epochs, eta))
 
-    train(state, on_epoch_end, [*hooks, progress_hook(cfg.train.progress_every_s)])
-    best, latest = _ranked(directory)
+    def on_stop(state: TrainState) -> None:
+        metrics = {names.PREEMPTED: float(state.step)}
+        path = _save(
+            directory / f"checkpoint_{state.epoch:06d}_step{state.step:09d}",
+            state.checkpoint(metrics),
+            metrics,
+        )
+        log.warning("stopped: saved %s; rerun to resume at step %d", path, state.step)
+
+    with _sigterm_stops():
+        train(state, on_epoch_end, [*hooks, progress_hook(cfg.train.progress_every_s)], on_stop=on_stop)
+    best, last = _ranked(directory)
     return RunCheckpoints(
-        latest_path=str(latest) if latest else None,
-        latest=load_checkpoint(latest) if latest else None,
+        latest_path=str(last) if last else None,
+        latest=load_checkpoint(last) if last else None,
         best_path=str(best[0]) if best else None,
         best=load_checkpoint(best[0]) if best else None,
     )
+
+
+def _save(path: Path, checkpoint: TrainingCheckpoint, metrics: dict[str, float]) -> Path:
+    """Write a checkpoint folder; its metrics file, written last and atomically, marks it complete."""
+    path.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, checkpoint)
+    tmp = path / (METRICS_FILE + ".tmp")
+    tmp.write_text(json.dumps(metrics))
+    os.replace(tmp, path / METRICS_FILE)
+    return path
+
+
+def _latest_loadable(directory: Path) -> tuple[Path | None, TrainingCheckpoint | None]:
+    """The newest complete checkpoint of a local run that loads, passing over (with a warning) any that do
+    not (a truncated file, a missing one)."""
+    found = sorted((p for p in directory.glob("checkpoint_*") if (p / METRICS_FILE).is_file()), reverse=True)
+    for path in found:
+        try:
+            checkpoint = load_checkpoint(path)
+        except CheckpointError as e:
+            log.warning("cannot resume from %s (%s); trying the checkpoint before it", path, e)
+            continue
+        if path != found[0]:
+            log.warning("resuming from %s instead of the unreadable latest %s", path, found[0])
+        return path, checkpoint
+    if found:
+        raise CheckpointError(f"no checkpoint in {directory} loads; see the warnings above")
+    return None, None
+
+
+@contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """SIGTERM requests a stop while training runs in this (main) thread; the previous handler after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    clear_stop_request()
+    install_sigterm_handler()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _ranked(directory: Path) -> tuple[list[Path], Path | None]:

@@ -1,22 +1,35 @@
 """One epoch of optimisation steps: AMP forward, the dual loss, gradient accumulation to the nominal
-batch (DDP's gradient all-reduce only on the boundary step), clipping, the optimizer and the EMA."""
+batch (DDP's gradient all-reduce only on the boundary step), clipping, the optimizer and the EMA.
+
+A step whose loss is not finite is skipped: no backward, no optimizer or EMA update, the BatchNorm
+running statistics its forward changed are put back, and the accumulation window it was part of is
+dropped. So is a window whose gradients are not finite. Every rank takes the same decision (one small
+all-reduce per step, which also carries a stop request), so DDP never waits on a rank that skipped.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
+from pipeline.errors import PipelineError
+from pipeline.training.preemption import StopRequested, stop_requested
 from pipeline.training.state import TrainState
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class StepEvent:
     """What a step hook sees after step ``batch`` (0-based) of the epoch; ``loss_sums`` (device tensor)
-    holds the running sums of ``[total, *loss parts]`` named by ``loss_names``."""
+    holds the running sums of ``[total, *loss parts]`` named by ``loss_names`` over the steps not skipped."""
 
     epoch: int  # 0-based epoch being trained
     batch: int
@@ -32,29 +45,93 @@ StepHook = Callable[[TrainState, StepEvent], None]
 
 @dataclass(frozen=True)
 class EpochStats:
-    """One worker's epoch: mean losses (``total`` and each part), images, seconds, seconds waiting on data."""
+    """One worker's epoch: mean losses (``total`` and each part) over the steps trained, images, seconds,
+    seconds waiting on data, steps skipped for a non-finite loss or gradients, and optimizer steps the
+    fp16 loss scaler skipped (its own overflow handling)."""
 
     losses: dict[str, float]
     images: int
     elapsed_s: float
     loader_wait_s: float
+    skipped_steps: int = 0
+    amp_skipped_steps: int = 0
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A step whose loss is NaN or infinite; it is stopped before it reaches the weights."""
+class TrainingDiverged(PipelineError, FloatingPointError):
+    """``train.max_bad_steps`` steps in a row had a non-finite loss or gradients."""
 
 
-def train_one_epoch(state: TrainState, loader: Iterable, hooks: Sequence[StepHook] = ()) -> EpochStats:
+@dataclass
+class BadStepGuard:
+    """Counts skipped steps in a row over a whole run; ``max_in_a_row`` of them stop it."""
+
+    max_in_a_row: int
+    in_a_row: int = 0
+
+    def skipped(self, what: str) -> None:
+        self.in_a_row += 1
+        if self.in_a_row >= self.max_in_a_row:
+            raise TrainingDiverged(
+                f"training diverged: {self.in_a_row} steps in a row skipped (last: {what}); "
+                f"lower train.lr0 or check the data, then rerun"
+            )
+
+    def stepped(self) -> None:
+        self.in_a_row = 0
+
+
+class BatchNormSnapshot:
+    """The model's BatchNorm running statistics, saved before each forward and put back after a skipped
+    one (a NaN batch would otherwise leave NaN running means in every later evaluation)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.buffers = [b for m in norms for b in m.buffers(recurse=False)]
+        self.saved = [b.clone() for b in self.buffers]
+
+    def save(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.saved, self.buffers)  # one kernel on a GPU, not one per buffer
+
+    def restore(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.buffers, self.saved)
+
+
+def train_one_epoch(
+    state: TrainState,
+    loader: Iterable,
+    hooks: Sequence[StepHook] = (),
+    *,
+    guard: BadStepGuard | None = None,
+    batch_ids: Callable[[], Sequence[int]] | None = None,
+) -> EpochStats:
     """Train ``state`` on the ``state.steps_per_epoch`` batches of ``loader`` (uint8 images (B, 3, S, S),
     targets (M, 6) [index in batch, class, x1, y1, x2, y2] pixels); ``state.step`` advances by one a batch.
-    The epoch counter is the caller's. Calls each hook after every step."""
+    The epoch counter is the caller's. Calls each hook after every step.
+
+    A state saved mid-epoch (``state.step`` past the epoch's first step) resumes at its batch: the loader's
+    batches are a function of (seed, epoch, rank), so the first ones are drawn and dropped. ``batch_ids``
+    names the images of the current batch in the warning for a skipped step. Raises TrainingDiverged after
+    ``guard.max_in_a_row`` skipped steps in a row, StopRequested after the step in which a stop request
+    (SIGTERM on any rank) was seen.
+    """
     cfg, model, steps = state.cfg.train, state.model, state.steps_per_epoch
+    guard = guard or BadStepGuard(cfg.max_bad_steps)
+    # a mid-epoch checkpoint's position; outside [0, steps] the schedule changed: start the epoch over
+    first = state.step - state.epoch * steps
+    first = first if 0 < first <= steps else 0
     model.train()
+    bn = BatchNormSnapshot(model)
+    distributed = state.world > 1 and dist.is_available() and dist.is_initialized()
     sums: torch.Tensor | None = None  # running [total, *parts] on the device: no host sync per part
     names: tuple[str, ...] = ()
-    wait, images_seen, last_optimizer_step = 0.0, 0, state.step
+    wait, images_seen, last_optimizer_step, skipped, amp_skipped = 0.0, 0, state.step, 0, 0
     start = fetch_start = time.perf_counter()
-    for i, (images, targets) in enumerate(loader):
+    for i, (images, targets) in enumerate(loader if first < steps else ()):
+        if i < first:
+            fetch_start = time.perf_counter()
+            continue
         wait += time.perf_counter() - fetch_start
         images = images.to(state.device, non_blocking=True, memory_format=torch.channels_last).float() / 255
         targets = targets.to(state.device)
@@ -63,41 +140,84 @@ def train_one_epoch(state: TrainState, loader: Iterable, hooks: Sequence[StepHoo
         boundary = state.step + 1 - last_optimizer_step >= accumulate or i == steps - 1
         # between boundaries DDP keeps gradients local: one all-reduce per optimizer step, not per batch
         sync = nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
+        bn.save()
         with sync:
             with torch.autocast(state.device.type, dtype=state.amp, enabled=state.amp is not None):
                 loss, parts = state.loss_fn(model(images), targets)
-            # the one host sync per step: a non-finite step must not reach the weights
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"non-finite loss {loss.item()} at epoch {state.epoch + 1}, step {state.step}"
-                )
-            state.scaler.scale(loss).backward()
-        if boundary:
-            optimizer_step(state)
+            # the one host sync per step: [this rank's loss is not finite, a stop was requested], agreed
+            stop_flag = torch.tensor(float(stop_requested()), device=loss.device)
+            flags = torch.stack([(~torch.isfinite(loss.detach())).float(), stop_flag])
+            local_bad = flags[0].clone() if distributed else flags[0]
+            if distributed:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            bad, stop = (bool(v) for v in flags.tolist())
+            if not bad:
+                state.scaler.scale(loss).backward()
+        where = f"epoch {state.epoch + 1}, step {state.step}"
+        if bad:
+            bn.restore()
+            state.optimizer.zero_grad(set_to_none=True)  # the window's other gradients go too
             last_optimizer_step = state.step + 1
-        names = ("total", *parts)
-        values = torch.stack([loss.detach().float(), *(v.float() for v in parts.values())])
-        sums = values if sums is None else sums + values
+            skipped += 1
+            if local_bad.item():
+                ids = list(batch_ids()) if batch_ids is not None else []
+                log.warning("skipped %s on rank %d: non-finite loss %s; images %s", where, state.rank,
+                            loss.item(), ids)  # fmt: skip
+            guard.skipped(f"non-finite loss at {where}")
+        else:
+            if boundary:
+                outcome = optimizer_step(state)
+                last_optimizer_step = state.step + 1
+                if outcome == "nonfinite":
+                    skipped += 1
+                    log.warning("skipped the optimizer step at %s: non-finite gradients", where)
+                    guard.skipped(f"non-finite gradients at {where}")
+                else:
+                    amp_skipped += outcome == "amp_skipped"
+                    guard.stepped()
+            names = ("total", *parts)
+            values = torch.stack([loss.detach().float(), *(v.float() for v in parts.values())])
+            sums = values if sums is None else sums + values
         state.step += 1
         images_seen += images.shape[0]
-        event = StepEvent(state.epoch, i, steps, images_seen, time.perf_counter() - start, sums, names)
+        event = StepEvent(state.epoch, i, steps, images_seen, time.perf_counter() - start,
+                          sums if sums is not None else torch.zeros(1), names or ("total",))  # fmt: skip
         for hook in hooks:
             hook(state, event)
+        if stop:
+            raise StopRequested(f"stopped on SIGTERM after step {state.step} (epoch {state.epoch + 1})")
         fetch_start = time.perf_counter()
+    trained = max(steps - first - skipped, 1)
     totals = sums.tolist() if sums is not None else []
     return EpochStats(
-        losses={k: v / max(steps, 1) for k, v in zip(names, totals, strict=True)},
+        losses={k: v / trained for k, v in zip(names, totals, strict=True)},
         images=images_seen,
         elapsed_s=time.perf_counter() - start,
         loader_wait_s=wait,
+        skipped_steps=skipped,
+        amp_skipped_steps=amp_skipped,
     )
 
 
-def optimizer_step(state: TrainState) -> None:
-    """Unscale, clip, step, clear the gradients and update the EMA."""
+def optimizer_step(state: TrainState) -> str:
+    """Unscale, clip, step, clear the gradients and update the EMA. Returns ``"ok"``, ``"nonfinite"``
+    (gradients not finite without a loss scaler: nothing updated) or ``"amp_skipped"`` (the fp16 scaler
+    found an overflow and skipped the step, as it is built to; the EMA is not updated either)."""
     state.scaler.unscale_(state.optimizer)
-    torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.cfg.train.clip_grad_norm)
+    norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.cfg.train.clip_grad_norm)
+    if not state.scaler.is_enabled():
+        if not torch.isfinite(norm):  # the same on every rank: the gradients were all-reduced
+            state.optimizer.zero_grad(set_to_none=True)
+            return "nonfinite"
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.ema.update(state.model)
+        return "ok"
+    scale = state.scaler.get_scale()
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.optimizer.zero_grad(set_to_none=True)
+    if state.scaler.get_scale() < scale:
+        return "amp_skipped"
     state.ema.update(state.model)
+    return "ok"
