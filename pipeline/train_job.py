@@ -21,8 +21,16 @@ from pipeline.data.loader import make_val_loader
 from pipeline.data.manifest import coco_json_path, manifest_path
 from pipeline.data.synthetic import write_synthetic_dataset
 from pipeline.plots import plot_curves
-from pipeline.tracking import check_tracking_uri, resolve_tracking_uri, start_or_resume_run
-from pipeline.training.local import fit_local
+from pipeline.tracking import (
+    UNSENT_FILE,
+    TrackingOutbox,
+    TrackingRecord,
+    check_tracking_uri,
+    epoch_records,
+    resolve_tracking_uri,
+    start_or_resume_run,
+)
+from pipeline.training.local import fit_local, local_run_dir
 from pipeline.validate import render_predictions
 from pipeline.weights_source import record_start_weights
 
@@ -42,6 +50,7 @@ class TrainingSummary:
     epochs: int
     mlflow_uri: str
     mlflow_run_id: str
+    unsent_tracking: str | None = None  # records MLflow did not take (see jobs.sync_tracking)
 
 
 def prepare_data(cfg: Config) -> tuple[Manifest, Manifest]:
@@ -117,15 +126,23 @@ def run_training(
         else:
             checkpoints = _fit_on_ray(cfg, client, (uri, run_id), loop_extras)
     except BaseException:
-        client.set_terminated(run_id, status="FAILED")
+        outbox = TrackingOutbox(uri)
+        outbox.add(TrackingRecord("status", run_id, value="FAILED"))
+        _deliver(outbox, cfg, local, patience_s=min(cfg.train.tracking_patience_s, 30.0))
         raise
     history = checkpoints.latest.history if checkpoints.latest is not None else []
-    _log_final_artifacts(client, run_id, cfg, val_manifest, checkpoints)
+    # Every epoch the run does not hold yet (the live logger's queue dies with the run), then the rest.
+    outbox = TrackingOutbox(uri)
+    outbox.add(*epoch_records(uri, run_id, history))
+    _log_final_artifacts(outbox, run_id, cfg, val_manifest, checkpoints)
     best_epoch = max(history, key=lambda h: h.get(names.MAP, -1.0)) if history else {}
     if checkpoints.best_path is not None:
-        client.set_tag(run_id, names.BEST_CHECKPOINT_TAG, checkpoints.best_path)
-    client.set_terminated(run_id, status="FINISHED")
-    if cfg.mlflow.register and checkpoints.best_path is not None:
+        outbox.add(TrackingRecord("tag", run_id, name=names.BEST_CHECKPOINT_TAG, value=checkpoints.best_path))
+    outbox.add(TrackingRecord("status", run_id, value="FINISHED"))
+    unsent = _deliver(outbox, cfg, local, patience_s=cfg.train.tracking_patience_s)
+    if cfg.mlflow.register and checkpoints.best_path is not None and unsent is not None:
+        log.warning("not registering: the run's tracking is not complete in %s (see above)", uri)
+    elif cfg.mlflow.register and checkpoints.best_path is not None:
         from pipeline.registry import register_after_training  # onnx and friends load only when asked
 
         result = register_after_training(checkpoints.best_path, run_id, uri, cfg.mlflow.model_name)
@@ -140,7 +157,30 @@ def run_training(
         epochs=int(history[-1][names.EPOCH]) if history else 0,
         mlflow_uri=uri,
         mlflow_run_id=run_id,
+        unsent_tracking=str(unsent) if unsent is not None else None,
     )
+
+
+def unsent_tracking_path(cfg: Config, local: bool) -> Path:
+    """Where a run that could not reach MLflow leaves what it could not send: beside its checkpoints, or
+    in the current folder when those are in object storage."""
+    if "://" in cfg.ray.storage_path:
+        return Path.cwd() / f"{cfg.ray.run_name}-{UNSENT_FILE}"
+    return (local_run_dir(cfg) if local else Path(cfg.ray.storage_path) / cfg.ray.run_name) / UNSENT_FILE
+
+
+def _deliver(outbox: TrackingOutbox, cfg: Config, local: bool, patience_s: float) -> Path | None:
+    """Send the outbox, waiting up to ``patience_s`` for the server; what is left goes to the run's
+    unsent-tracking file, whose path is returned (and said)."""
+    if outbox.send(patience_s):
+        return None
+    path = outbox.write_unsent(unsent_tracking_path(cfg, local))
+    log.warning(
+        "MLflow %s did not answer for %.0f s (%s): the run's remaining tracking records are in %s; "
+        "send them later with: python -m jobs.sync_tracking %s",
+        outbox.uri, patience_s, outbox.last_error, path, path,
+    )  # fmt: skip
+    return path
 
 
 def _fit_on_ray(
@@ -174,7 +214,7 @@ def _fit_on_ray(
 
 
 def _log_final_artifacts(
-    client: MlflowClient, run_id: str, cfg: Config, val_manifest: Manifest, checkpoints: RunCheckpoints
+    client: TrackingOutbox, run_id: str, cfg: Config, val_manifest: Manifest, checkpoints: RunCheckpoints
 ) -> None:
     """The config, the loss/mAP curves and a grid of the best checkpoint's val predictions."""
     with tempfile.TemporaryDirectory() as d:

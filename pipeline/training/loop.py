@@ -1,11 +1,14 @@
 """The epoch loop: the epoch's loader, the steps, validation of the EMA model when due, the metrics.
 
 ``train`` runs the remaining epochs of a :class:`TrainState` and hands each epoch's metrics to
-``on_epoch_end`` (Ray Train reports and checkpoints there; the local run saves and logs there).
+``on_epoch_end`` (Ray Train reports and checkpoints there; the local run saves and logs there). A stop
+request (SIGTERM) in the middle of an epoch goes to ``on_stop``, which saves the state as it is: its
+``step`` is the loader position that ``train_one_epoch`` resumes from.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -14,22 +17,40 @@ from torch import nn
 
 from pipeline import names
 from pipeline.data.loader import make_train_loader, make_val_loader
+from pipeline.training.preemption import StopRequested
 from pipeline.training.state import TrainState
-from pipeline.training.step import StepHook, train_one_epoch
+from pipeline.training.step import BadStepGuard, StepHook, train_one_epoch
 from pipeline.validate import evaluate_distributed
 
 EpochEnd = Callable[[TrainState, dict[str, float]], None]
 
 
-def train(state: TrainState, on_epoch_end: EpochEnd, hooks: Sequence[StepHook] = ()) -> None:
-    """Train from ``state.epoch`` to ``train.epochs``; ``on_epoch_end`` after each epoch."""
+def train(
+    state: TrainState,
+    on_epoch_end: EpochEnd,
+    hooks: Sequence[StepHook] = (),
+    on_stop: Callable[[TrainState], None] | None = None,
+) -> None:
+    """Train from ``state.epoch`` (or the step within it) to ``train.epochs``; ``on_epoch_end`` after each
+    epoch. On a stop request (SIGTERM): ``on_stop``, then StopRequested is raised. Raises
+    TrainingDiverged after ``train.max_bad_steps`` skipped steps in a row."""
+    guard = BadStepGuard(state.cfg.train.max_bad_steps)
     while state.epoch < state.cfg.train.epochs:
-        metrics = run_epoch(state, hooks)
+        try:
+            metrics = run_epoch(state, hooks, guard)
+        except StopRequested:
+            if on_stop is not None:
+                on_stop(state)
+            raise
         on_epoch_end(state, metrics)
 
 
-def run_epoch(state: TrainState, hooks: Sequence[StepHook] = ()) -> dict[str, float]:
-    """Train one epoch, validate when due, advance ``state`` (epoch, best mAP, history); the metrics."""
+def run_epoch(
+    state: TrainState, hooks: Sequence[StepHook] = (), guard: BadStepGuard | None = None
+) -> dict[str, float]:
+    """Train one epoch (from ``state.step`` within it when resumed mid-epoch), validate when due, advance
+    ``state`` (epoch, best mAP, history); the metrics, with ``epoch_end_time`` (Unix seconds) stamping the
+    epoch so that every copy of it sent to MLflow is the same record."""
     cfg = state.cfg
     mosaic = state.epoch < cfg.train.epochs - cfg.train.close_mosaic
     loader = make_train_loader(
@@ -46,7 +67,7 @@ def run_epoch(state: TrainState, hooks: Sequence[StepHook] = ()) -> dict[str, fl
         steps_per_epoch=state.steps_per_epoch,
         shuffle_buffer=cfg.data.shuffle_buffer,
     )
-    stats = train_one_epoch(state, loader, hooks)
+    stats = train_one_epoch(state, loader, hooks, guard=guard, batch_ids=loader.last_image_ids)
     metrics = {f"{names.TRAIN_PREFIX}{k}": v for k, v in stats.losses.items()}
     # skipped samples are summed over ranks: the mean times the world size
     metrics.update({f"{names.DATA_PREFIX}{k}": float(v) * state.world for k, v in loader.stats().items()})
@@ -56,6 +77,9 @@ def run_epoch(state: TrainState, hooks: Sequence[StepHook] = ()) -> dict[str, fl
     metrics[names.IMAGES_PER_S] = stats.images * state.world / elapsed
     metrics[names.LOADER_WAIT] = stats.loader_wait_s / elapsed
     metrics[names.MOSAIC] = float(mosaic)
+    metrics[names.SKIPPED_STEPS] = float(stats.skipped_steps)  # the same on every rank
+    if state.scaler.is_enabled():
+        metrics[names.AMP_SKIPPED_STEPS] = float(stats.amp_skipped_steps)
     # the values the loss really used, so a search can check what each trial trained with
     metrics[names.HP_AUX_WEIGHT] = state.loss_fn.weights["aux"]
     metrics[names.HP_LEAD_WEIGHT] = state.loss_fn.weights["main"]
@@ -70,6 +94,7 @@ def run_epoch(state: TrainState, hooks: Sequence[StepHook] = ()) -> dict[str, fl
     metrics[names.EPOCH] = state.epoch
     state.best_map = max(state.best_map, metrics.get(names.MAP, 0.0))
     metrics[names.BEST_MAP] = state.best_map
+    metrics[names.EPOCH_END_TIME] = time.time()
     state.history.append({k: float(v) for k, v in metrics.items()})
     return metrics
 
