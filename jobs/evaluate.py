@@ -1,15 +1,21 @@
-"""COCO mAP of a training checkpoint on a val shard set.
+"""COCO evaluation of a training checkpoint on a val shard set: the 12 COCO numbers, AP per class and the
+confusion counts as a table; --json writes them as JSON, --save-json the detections in the COCO results
+format (scored against the original annotations by any COCO tool).
 
 python -m jobs.evaluate --checkpoint runs/ray/demo/checkpoint_... --data data/synthetic
+python -m jobs.evaluate --checkpoint CKPT --data /mnt/shared/coco --save-json dets.json --json report.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from jobs.cli import run
-from pipeline.validate import evaluate_checkpoint
+from pipeline.coco_eval import results_json
+from pipeline.eval_report import format_table, report_dict
+from pipeline.validate import checkpoint_evaluation
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,11 +28,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader processes")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    parser.add_argument(
+        "--save-json", type=Path, default=None, help="write the detections to this COCO results file"
+    )
     args = parser.parse_args(argv)
-    scores = evaluate_checkpoint(
+    evaluation = checkpoint_evaluation(
         args.checkpoint, args.data, args.imgsz, args.batch_size, args.workers, args.device
     )
-    print(json.dumps(scores))
+    print(format_table(evaluation))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report_dict(evaluation), indent=1))
+    if args.save_json is not None:
+        args.save_json.write_text(json.dumps(results_json(evaluation.detections)))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,26 @@ skipped by the loader, ``hp/`` the loss settings a run really used, ``pgi/`` gra
 EPOCH = "epoch"
 MAP = "val/map50_95"  # COCO mAP@0.5:0.95 of the EMA model's main branch (the search's default metric)
 MAP50 = "val/map50"
+# the rest of the 12 COCO numbers (pycocotools' summary, area "all" and 100 detections unless named)
+MAP75 = "val/map75"
+MAP_SMALL, MAP_MEDIUM, MAP_LARGE = "val/map_small", "val/map_medium", "val/map_large"
+AR1, AR10, AR100 = "val/ar1", "val/ar10", "val/ar100"
+AR_SMALL, AR_MEDIUM, AR_LARGE = "val/ar_small", "val/ar_medium", "val/ar_large"
+# metric name of each of pipeline.coco_eval.STATS
+COCO_METRICS = {
+    "map50_95": MAP,
+    "map50": MAP50,
+    "map75": MAP75,
+    "map_small": MAP_SMALL,
+    "map_medium": MAP_MEDIUM,
+    "map_large": MAP_LARGE,
+    "ar1": AR1,
+    "ar10": AR10,
+    "ar100": AR100,
+    "ar_small": AR_SMALL,
+    "ar_medium": AR_MEDIUM,
+    "ar_large": AR_LARGE,
+}
 BEST_MAP = "val/best_map50_95"
 TRAIN_TOTAL = "train/total"
 TRAIN_LR = "train/lr"
@@ -51,3 +71,9 @@ SEARCH_TAG = "tune.name"  # on the parent run
 TRIAL_ID_TAG = "tune.trial_id"
 TRIAL_STATUS_TAG = "trial.status"
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag
+
+# artifacts of training runs (file names in the run's artifact root)
+PER_CLASS_CSV = "val_per_class.csv"  # per-class AP50-95 and AP50
+PR_CURVES_PNG = "val_pr_curves.png"  # precision-recall curve per class
+CONFUSION_PNG = "val_confusion_matrix.png"
+PREDICTIONS_PNG = "val_predictions.png"

@@ -1,9 +1,11 @@
-"""Pictures logged with a run: training curves and validation images with boxes drawn."""
+"""Pictures logged with a run: training curves, precision-recall curves, the confusion matrix and
+validation images with boxes drawn."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -11,11 +13,7 @@ import numpy as np
 
 def plot_curves(history: Sequence[dict[str, float]], path: str | Path) -> Path:
     """Loss and mAP per epoch, as a PNG. ``history`` holds one metrics dict per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(10, 4))
     loss_keys = sorted(
@@ -31,6 +29,75 @@ def plot_curves(history: Sequence[dict[str, float]], path: str | Path) -> Path:
     ax_map.set_xlabel("epoch")
     ax_map.set_title("validation mAP (EMA, main branch)")
     ax_map.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the file-only backend, loaded when a picture is first drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_pr_curves(
+    precision: np.ndarray, recall: np.ndarray, class_names: Sequence[str], ap50: np.ndarray, path: str | Path
+) -> Path:
+    """Precision against recall at IoU 0.5, one curve per class with its AP50 in the legend, as a PNG.
+
+    ``precision``: (R, K) COCO's interpolated precision at ``recall`` (R,); -1 (undefined: a class
+    without ground truth) is not drawn."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 6))
+    for k, name in enumerate(class_names):
+        if ap50[k] > -1:
+            ax.plot(recall, precision[:, k], linewidth=1, label=f"{name} {ap50[k]:.3f}")
+    defined = ap50[ap50 > -1]
+    if defined.size:
+        mean = np.where(precision > -1, precision, np.nan)[:, ap50 > -1]
+        ax.plot(recall, np.nanmean(mean, 1), "k", linewidth=2.5, label=f"all classes {defined.mean():.3f}")
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set_title("precision-recall at IoU 0.5 (COCO interpolation; legend: AP50)")
+    ax.legend(fontsize=7, loc="lower left", ncol=1 + len(class_names) // 20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_confusion_matrix(
+    matrix: np.ndarray, class_names: Sequence[str], conf: float, iou: float, path: str | Path
+) -> Path:
+    """The ``(K + 1, K + 1)`` counts (row: true class, column: detected class, last: background) as a PNG,
+    each row coloured by its share of the row total, counts written in the cells up to 30 classes."""
+    plt = _pyplot()
+    labels = [*class_names, "background"]
+    shares = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    side = min(4 + 0.45 * len(labels), 30)
+    fig, ax = plt.subplots(figsize=(side, side * 0.85))
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set(xlabel="detected", ylabel="true")
+    ax.set_title(f"confusion matrix (counts; score >= {conf}, IoU >= {iou})")
+    if len(labels) <= 31:
+        for (r, c), n in np.ndenumerate(matrix):
+            if n:
+                ax.text(
+                    c,
+                    r,
+                    str(n),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="w" if shares[r, c] > 0.5 else "k",
+                )
+    fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class's row")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -10,6 +10,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -20,6 +21,7 @@ from pipeline.data import DataError, Manifest, read_manifest
 from pipeline.data.loader import make_val_loader
 from pipeline.data.manifest import coco_json_path, manifest_path
 from pipeline.data.synthetic import write_synthetic_dataset
+from pipeline.eval_report import write_artifacts
 from pipeline.plots import plot_curves
 from pipeline.tracking import (
     UNSENT_FILE,
@@ -31,7 +33,7 @@ from pipeline.tracking import (
     start_or_resume_run,
 )
 from pipeline.training.local import fit_local, local_run_dir
-from pipeline.validate import render_predictions
+from pipeline.validate import Evaluation, evaluate_model, render_predictions
 from pipeline.weights_source import record_start_weights
 
 log = logging.getLogger(__name__)
@@ -88,13 +90,11 @@ def prepare_data(cfg: Config) -> tuple[Manifest, Manifest]:
 def prediction_grid(
     state: TrainingCheckpoint, cfg: Config, val_manifest: Manifest, count: int = 8
 ) -> np.ndarray:
-    """Validation images with true (green) and predicted (red) boxes of a checkpoint's EMA model."""
+    """Validation images of a checkpoint's EMA model: found objects, misses and false positives."""
     loader = make_val_loader(
         val_manifest, batch_size=count, imgsz=cfg.train.imgsz, rank=0, world_size=1, num_workers=0
     )
-    return render_predictions(
-        ema_model(state), loader, coco_json_path(cfg.data.root, "val"), list(val_manifest.class_names), count
-    )
+    return render_predictions(ema_model(state), loader, coco_json_path(cfg.data.root, "val"), count)
 
 
 def run_training(
@@ -216,7 +216,8 @@ def _fit_on_ray(
 def _log_final_artifacts(
     client: TrackingOutbox, run_id: str, cfg: Config, val_manifest: Manifest, checkpoints: RunCheckpoints
 ) -> None:
-    """The config, the loss/mAP curves and a grid of the best checkpoint's val predictions."""
+    """The config, the loss/mAP curves, a grid of the best checkpoint's val predictions and its full
+    evaluation (per-class AP table, precision-recall curves, confusion matrix)."""
     with tempfile.TemporaryDirectory() as d:
         config_file = Path(d) / "config.yaml"
         config_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -226,6 +227,29 @@ def _log_final_artifacts(
         shown = checkpoints.best or checkpoints.latest
         if shown is not None:
             grid = prediction_grid(shown, cfg, val_manifest)
-            picture = Path(d) / "val_predictions.png"
+            picture = Path(d) / names.PREDICTIONS_PNG
             cv2.imwrite(str(picture), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
             client.log_artifact(run_id, str(picture))
+            for path in write_artifacts(_evaluation(shown, cfg, val_manifest), d):
+                client.log_artifact(run_id, str(path))
+
+
+def _evaluation(state: TrainingCheckpoint, cfg: Config, val_manifest: Manifest) -> Evaluation:
+    """A checkpoint's EMA model evaluated in this process as validation does it."""
+    loader = make_val_loader(
+        val_manifest,
+        batch_size=cfg.train.batch_size,
+        imgsz=cfg.train.imgsz,
+        rank=0,
+        world_size=1,
+        num_workers=0,
+    )
+    return evaluate_model(
+        ema_model(state),
+        loader,
+        coco_json_path(cfg.data.root, "val"),
+        torch.device("cpu"),
+        conf_thres=cfg.train.val_conf,
+        iou_thres=cfg.train.val_iou,
+        max_det=cfg.train.val_max_det,
+    )

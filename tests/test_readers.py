@@ -58,6 +58,37 @@ def test_coco_crowd_annotation_is_skipped_and_counted(coco: Path) -> None:
     assert len(source.records[0].boxes) == 2
 
 
+def test_coco_crowd_region_stays_in_the_ground_truth(coco: Path) -> None:
+    truth = read_coco(coco, coco.parent / "images").ground_truth
+    assert [a["id"] for a in truth.annotations[2]] == [1, 2, 3]
+    crowd = truth.annotations[2][2]
+    # as in the file, with the area COCO would take for a box (the file gives none): 40 * 40
+    assert crowd == {
+        "id": 3,
+        "image_id": 2,
+        "category_id": 3,
+        "bbox": [1, 1, 40, 40],
+        "iscrowd": 1,
+        "area": 1600,
+    }
+
+
+def test_coco_ground_truth_keeps_the_files_ids(coco: Path) -> None:
+    source = read_coco(coco, coco.parent / "images")
+    assert [r.image_id for r in source.records] == [2, 5]
+    assert sorted(source.ground_truth.images) == [2, 5]
+    assert [c["id"] for c in source.ground_truth.categories] == [3, 7]  # class order
+    assert source.ground_truth.annotations[5] == []  # its one annotation has an unknown category
+
+
+def test_coco_annotations_without_ids_get_fresh_ones(coco: Path) -> None:
+    data = json.loads(coco.read_text())
+    del data["annotations"][0]["id"], data["annotations"][2]["id"]
+    coco.write_text(json.dumps(data))
+    truth = read_coco(coco, coco.parent / "images").ground_truth
+    assert [a["id"] for a in truth.annotations[2]] == [3, 2, 4]  # after the largest id kept
+
+
 def test_coco_unknown_category_is_skipped_and_counted(coco: Path) -> None:
     source = read_coco(coco, coco.parent / "images")
     assert source.report.counts["unknown_category"] == 1

@@ -222,20 +222,90 @@ def test_same_input_gives_identical_shards_and_content_hash(
     assert c.manifest_hash != a.manifest_hash
 
 
-def test_val_coco_json_loads_with_pycocotools(coco_set: tuple[Path, Path], tmp_path: Path) -> None:
-    source = read_coco(*coco_set)
-    write_shards(source.records, source.class_names, tmp_path / "out", "val", max_side=40)
+def test_val_ground_truth_is_the_coco_source_at_original_resolution(
+    coco_set: tuple[Path, Path], tmp_path: Path
+) -> None:
+    ann, img = coco_set
+    source = read_coco(ann, img)
+    write_shards(
+        source.records,
+        source.class_names,
+        tmp_path / "out",
+        "val",
+        max_side=40,
+        ground_truth=source.ground_truth,
+    )
     gt = COCO(str(coco_json_path(tmp_path / "out", "val")))
+    original = json.loads(ann.read_text())
     assert sorted(gt.getImgIds()) == [1, 2, 3, 4, 5]
-    assert [c["name"] for c in gt.loadCats(gt.getCatIds())] == ["cat", "dog"]
-    assert gt.getCatIds() == [1, 2]
+    assert gt.getCatIds() == [10, 20]  # the file's category ids, not 1..K
     image = gt.loadImgs(1)[0]
-    assert (image["width"], image["height"]) == (40, 30)  # 80x60 halved
-    anns = gt.loadAnns(gt.getAnnIds(imgIds=1))
-    # image 0.jpg: cat bbox [1.5, 2.25, 30, 20] and dog [40, 30.5, 39.5, 29.5], both halved
-    np.testing.assert_allclose([a["bbox"] for a in anns], [[0.75, 1.125, 15, 10], [20, 15.25, 19.75, 14.75]])
-    assert [a["category_id"] for a in anns] == [1, 2]
-    assert anns[0]["area"] == pytest.approx(150)
+    assert (image["width"], image["height"]) == (80, 60)  # not the stored 40x30
+    assert sorted(gt.getAnnIds()) == [a["id"] for a in original["annotations"]]
+    for a in gt.loadAnns(gt.getAnnIds()):
+        (given,) = [o for o in original["annotations"] if o["id"] == a["id"]]
+        assert (a["image_id"], a["category_id"], a["bbox"]) == (
+            given["image_id"],
+            given["category_id"],
+            given["bbox"],
+        )
+        assert a["area"] == pytest.approx(given["bbox"][2] * given["bbox"][3])  # the file gives none
+        assert a["iscrowd"] == 0
+    assert [s["image_id"] for s in samples(tmp_path / "out", "val")] == [1, 2, 3, 4, 5]
+
+
+def test_val_ground_truth_keeps_crowd_regions_and_the_files_areas(
+    coco_set: tuple[Path, Path], tmp_path: Path
+) -> None:
+    ann, img = coco_set
+    data = json.loads(ann.read_text())
+    data["annotations"][0]["area"] = 123.5  # a segment's area, smaller than its box
+    crowd = {"id": 77, "image_id": 3, "category_id": 20, "bbox": [0, 0, 50, 40], "area": 900, "iscrowd": 1}
+    data["annotations"].append(crowd | {"segmentation": {"counts": "abc", "size": [60, 80]}})
+    ann.write_text(json.dumps(data))
+    source = read_coco(ann, img)
+    write_shards(
+        source.records, source.class_names, tmp_path / "out", "val", ground_truth=source.ground_truth
+    )
+    gt = COCO(str(coco_json_path(tmp_path / "out", "val")))
+    assert gt.anns[77] == crowd  # kept, without its segmentation
+    assert gt.anns[1]["area"] == 123.5
+    stored = samples(tmp_path / "out", "val")[2]
+    assert stored["image_id"] == 3 and len(stored["boxes"]) == 2  # no box to train on for the crowd
+
+
+def test_val_ground_truth_of_other_formats_is_at_original_resolution(tmp_path: Path) -> None:
+    path = write_image(tmp_path / "a.jpg", 200, 100)
+    write_shards([record(path, [[20, 10, 120, 60]], [1])], CLASSES, tmp_path / "out", "val", max_side=100)
+    gt = json.loads(coco_json_path(tmp_path / "out", "val").read_text())
+    assert gt["images"] == [{"id": 1, "file_name": "a.jpg", "width": 200, "height": 100}]
+    assert gt["annotations"] == [
+        {"id": 1, "image_id": 1, "category_id": 2, "bbox": [20, 10, 100, 50], "area": 5000, "iscrowd": 0}
+    ]
+    assert gt["categories"] == [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
+    assert samples(tmp_path / "out", "val")[0]["boxes"] == [[10, 5, 60, 30]]  # the stored image's
+
+
+def test_image_size_in_the_annotation_file_that_differs_is_counted(
+    coco_set: tuple[Path, Path], tmp_path: Path
+) -> None:
+    ann, img = coco_set
+    data = json.loads(ann.read_text())
+    data["images"][0]["width"] = 640
+    ann.write_text(json.dumps(data))
+    source = read_coco(ann, img)
+    manifest = write_shards(
+        source.records, source.class_names, tmp_path / "out", "val", ground_truth=source.ground_truth
+    )
+    assert json.loads(manifest.path.read_text())["report"]["counts"] == {"image_size_mismatch": 1}
+    assert COCO(str(coco_json_path(tmp_path / "out", "val"))).imgs[1]["width"] == 80  # the real size
+
+
+def test_two_records_with_one_image_id_are_refused(tmp_path: Path) -> None:
+    paths = [write_image(tmp_path / f"{i}.jpg", 20, 20) for i in range(2)]
+    records = [Record(p.stem, p.name, np.zeros((0, 4)), np.zeros(0), image_path=p, image_id=7) for p in paths]
+    with pytest.raises(DataError, match="image id 7 of 1.jpg is already 0.jpg's"):
+        write_shards(records, CLASSES, tmp_path / "out", "val")
 
 
 def test_read_manifest_rejects_bad_files(coco_set: tuple[Path, Path], tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ def make_shards(
     if dataset_format == "synthetic":
         info = {"format": "synthetic", "num": num, "image_size": image_size, "seed": seed}
         records, class_names, report = synthetic_records(num, image_size, seed), list(SYNTHETIC_CLASSES), None
+        ground_truth = None
     else:
         if source is None and dataset_format != "yolo":
             raise DataError(f"format {dataset_format!r} needs a source directory (--source)")
@@ -54,6 +55,7 @@ def make_shards(
         else:
             found = read_voc(source)
         records, class_names, report, info = found.records, found.class_names, found.report, found.info
+        ground_truth = found.ground_truth
     return write_shards(
-        records, class_names, out, split, shard_size, max_side, workers, overwrite, info, report
+        records, class_names, out, split, shard_size, max_side, workers, overwrite, info, report, ground_truth
     )

@@ -6,6 +6,7 @@ Readers parse annotations only (images are opened by the writer, which checks th
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 import xml.etree.ElementTree as ET
@@ -35,7 +36,8 @@ class Record:
 
     ``boxes``: float32 (N, 4) xyxy in pixels of the ORIGINAL image (pixel-edge coordinates: a box covering
     pixel columns 0..9 is x1=0, x2=10). ``classes``: int64 (N,) 0-based. Exactly one of ``image_path`` /
-    ``image_bytes`` (encoded JPEG or PNG) is set.
+    ``image_bytes`` (encoded JPEG or PNG) is set. ``image_id``: the source's own id of the image (COCO), kept
+    as the stored sample's id so that results files match the source's annotations; None: numbered in order.
     """
 
     source_id: str
@@ -44,6 +46,7 @@ class Record:
     classes: np.ndarray
     image_path: Path | None = None
     image_bytes: bytes | None = None
+    image_id: int | None = None
 
     def __post_init__(self) -> None:
         if (self.image_path is None) == (self.image_bytes is None):
@@ -91,20 +94,40 @@ class Report:
 
 
 @dataclass(frozen=True)
+class SourceGroundTruth:
+    """A source's own COCO ground truth, which the val split is scored on (the official protocol).
+
+    ``images``: the image entries by image id, as in the file. ``annotations``: the well-formed annotations
+    of known categories by image id, as in the file (crowd regions included, ``segmentation`` left out:
+    bbox scoring never reads it). ``categories``: the category entries sorted by id (class c = entry c).
+    """
+
+    images: dict[int, dict[str, Any]]
+    annotations: dict[int, list[dict[str, Any]]]
+    categories: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
 class Source:
-    """What a reader found: class names (index = class id), records, and a description for the manifest."""
+    """What a reader found: class names (index = class id), records, and a description for the manifest.
+
+    ``ground_truth``: the source's own annotations to score the val split on (COCO only); other formats
+    are scored on their boxes at the original resolution."""
 
     class_names: list[str]
     records: list[Record]
     report: Report
     info: dict[str, Any]
+    ground_truth: SourceGroundTruth | None = None
 
 
 def read_coco(annotation_json: str | Path, image_dir: str | Path) -> Source:
     """Read a COCO instances JSON; images are ``image_dir / file_name``.
 
     Category ids map to contiguous 0-based classes in sorted id order. ``bbox`` [x, y, w, h] becomes xyxy.
-    Crowd annotations, unknown category or image ids and malformed annotations are skipped and counted.
+    Records keep the file's image ids. Crowd regions are no boxes to train on (counted as
+    ``crowd_skipped``) but stay in ``Source.ground_truth`` with ``iscrowd: 1``, where scoring ignores
+    detections on them. Unknown category or image ids and malformed annotations are skipped and counted.
     """
     annotation_json, image_dir = Path(annotation_json), Path(image_dir)
     data = load_json_object(Path(annotation_json), "annotation file")
@@ -127,6 +150,7 @@ def read_coco(annotation_json: str | Path, image_dir: str | Path) -> Source:
     report = Report()
     boxes: dict[int, list[list[float]]] = {i: [] for i in file_names}
     classes: dict[int, list[int]] = {i: [] for i in file_names}
+    truth: dict[int, list[dict[str, Any]]] = {i: [] for i in file_names}
     for ann in data["annotations"]:
         where = f"{annotation_json.name} annotation {ann.get('id') if isinstance(ann, dict) else ann!r}"
         try:
@@ -135,21 +159,51 @@ def read_coco(annotation_json: str | Path, image_dir: str | Path) -> Source:
         except (KeyError, TypeError, ValueError):
             report.add("malformed_annotation", where)
             continue
+        if category_id not in class_of:
+            report.add("unknown_category", f"{where}: category_id {category_id}")
+            continue
+        if image_id not in file_names:
+            report.add("unknown_image_id", f"{where}: image_id {image_id}")
+            continue
+        truth[image_id].append(_ground_truth_annotation(ann, w, h))
         if ann.get("iscrowd", 0):
             report.add("crowd_skipped", where)
-        elif category_id not in class_of:
-            report.add("unknown_category", f"{where}: category_id {category_id}")
-        elif image_id not in file_names:
-            report.add("unknown_image_id", f"{where}: image_id {image_id}")
         else:
             boxes[image_id].append([x, y, x + w, y + h])
             classes[image_id].append(class_of[category_id])
     records = [
-        Record(str(i), name, np.array(boxes[i], np.float32), np.array(classes[i], np.int64), image_dir / name)
+        Record(
+            str(i),
+            name,
+            np.array(boxes[i], np.float32),
+            np.array(classes[i], np.int64),
+            image_dir / name,
+            image_id=i,
+        )
         for i, name in file_names.items()
     ]
+    _number_annotations([a for anns in truth.values() for a in anns])
     info = {"format": "coco", "annotations": str(annotation_json), "images": str(image_dir)}
-    return Source(class_names, records, report, info)
+    ground_truth = SourceGroundTruth({int(im["id"]): im for im in images}, truth, categories)
+    return Source(class_names, records, report, info, ground_truth)
+
+
+def _number_annotations(annotations: list[dict[str, Any]]) -> None:
+    """Give annotations without an integer ``id`` (which pycocotools indexes them by) fresh ones."""
+    ids = [a["id"] for a in annotations if isinstance(a.get("id"), int)]
+    fresh = itertools.count(max(ids, default=0) + 1)
+    for ann in annotations:
+        if not isinstance(ann.get("id"), int):
+            ann["id"] = next(fresh)
+
+
+def _ground_truth_annotation(ann: dict[str, Any], w: float, h: float) -> dict[str, Any]:
+    """A COCO annotation as scoring reads it: as in the file, without ``segmentation``; ``area`` (the
+    object's area, which decides its size range) w * h where the file gives none, ``iscrowd`` 0 likewise."""
+    kept = {k: v for k, v in ann.items() if k != "segmentation"}
+    kept.setdefault("area", w * h)
+    kept.setdefault("iscrowd", 0)
+    return kept
 
 
 def read_yolo(root: str | Path, data_yaml: str | Path) -> Source:

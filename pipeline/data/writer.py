@@ -36,7 +36,7 @@ from pipeline.data.manifest import (
     write_json_atomic,
     write_manifest,
 )
-from pipeline.data.readers import Record, Report
+from pipeline.data.readers import Record, Report, SourceGroundTruth
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,9 @@ Problem = tuple[str, str]
 @dataclass(frozen=True, eq=False)
 class EncodedSample:
     """A checked record ready to store: JPEG bytes of the stored image, float32 (N, 4) xyxy boxes in
-    pixels of the stored image (``width`` x ``height``), int64 (N,) classes."""
+    pixels of the stored image (``width`` x ``height``), int64 (N,) classes. ``original_boxes``: the same
+    boxes in pixels of the source image (``original_width`` x ``original_height``), which the val ground
+    truth keeps. ``image_id``: the record's."""
 
     file_name: str
     jpeg: bytes
@@ -60,6 +62,10 @@ class EncodedSample:
     height: int
     boxes: np.ndarray
     classes: np.ndarray
+    original_width: int
+    original_height: int
+    original_boxes: np.ndarray
+    image_id: int | None = None
 
 
 def encode_record(
@@ -86,6 +92,7 @@ def encode_record(
         return None, [("unreadable_image", where)]
     height, width = image.shape[:2]
     boxes, classes, problems = check_boxes(record.boxes, record.classes, width, height, num_classes, where)
+    original_width, original_height, original_boxes = width, height, boxes
 
     reasons = []
     if max_side is not None and max(width, height) > max_side:
@@ -105,7 +112,19 @@ def encode_record(
             return None, [*problems, ("unreadable_image", f"{where}: JPEG encoding failed")]
         data = buf.tobytes()
         problems.extend((r, where) for r in reasons)
-    return EncodedSample(record.file_name, data, width, height, boxes, classes), problems
+    sample = EncodedSample(
+        record.file_name,
+        data,
+        width,
+        height,
+        boxes,
+        classes,
+        original_width,
+        original_height,
+        original_boxes,
+        record.image_id,
+    )
+    return sample, problems
 
 
 def check_boxes(
@@ -164,9 +183,13 @@ def write_shards(
     overwrite: bool = False,
     source: dict[str, Any] | None = None,
     report: Report | None = None,
+    ground_truth: SourceGroundTruth | None = None,
 ) -> Manifest:
     """Check ``records``, write ``out_dir/<split>-NNNNNN.tar`` shards of ``shard_size`` samples, then the
-    manifest (atomically, last) and, for split "val", ``val-coco.json``.
+    manifest (atomically, last) and, for split "val", ``val-coco.json``: the ground truth the split is
+    scored on, at the ORIGINAL resolution whatever ``max_side`` does (``val_ground_truth``).
+
+    A sample's ``image_id`` is its record's (unique, else DataError) or, without one, its index + 1.
 
     ``max_side``: downscale images whose longest side exceeds it (pixels), scaling boxes alike.
     ``workers``: processes that decode/encode images (started with "spawn", so a calling script needs the
@@ -185,8 +208,8 @@ def write_shards(
     shards: list[ShardInfo] = []
     members: list[tuple[str, bytes]] = []
     shard_boxes = 0
-    coco_images: list[dict[str, Any]] = []
-    coco_annotations: list[dict[str, Any]] = []
+    truth = _ValGroundTruth(ground_truth, class_names, report)
+    ids: dict[int, str] = {}
     index = seen = 0
     progress = tqdm(total=total, desc=f"{split} shards", unit="img", file=sys.stderr, disable=None)
     with progress:
@@ -197,11 +220,15 @@ def write_shards(
             if sample is None:
                 continue
             key = f"{index:0{KEY_DIGITS}d}"
-            meta = _sample_json(sample, image_id=index + 1)
+            image_id = sample.image_id if sample.image_id is not None else index + 1
+            if image_id in ids:
+                raise DataError(f"image id {image_id} of {sample.file_name} is already {ids[image_id]}'s")
+            ids[image_id] = sample.file_name
+            meta = _sample_json(sample, image_id)
             members += [(f"{key}.jpg", sample.jpeg), (f"{key}.json", json.dumps(meta).encode())]
             shard_boxes += len(sample.boxes)
             if split == "val":
-                _add_coco(coco_images, coco_annotations, meta)
+                truth.add(sample, image_id)
             index += 1
             if index % shard_size == 0:
                 shards.append(_flush(out_dir, split, len(shards), members, shard_boxes))
@@ -213,9 +240,7 @@ def write_shards(
     if not shards:
         raise DataError(f"no valid sample for split {split!r} out of {seen} records: {dict(report.counts)}")
     if split == "val":
-        categories = [{"id": i + 1, "name": n} for i, n in enumerate(class_names)]
-        coco = {"images": coco_images, "annotations": coco_annotations, "categories": categories}
-        write_json_atomic(coco_json_path(out_dir, split), coco)
+        write_json_atomic(coco_json_path(out_dir, split), truth.to_dict())
     settings = {
         "shard_size": shard_size,
         "max_side": max_side,
@@ -293,21 +318,48 @@ def _sample_json(sample: EncodedSample, image_id: int) -> dict[str, Any]:
     }
 
 
-def _add_coco(images: list[dict[str, Any]], annotations: list[dict[str, Any]], meta: dict[str, Any]) -> None:
-    """Append one stored sample's COCO image entry and annotations (category id = class + 1)."""
-    images.append({k: meta[k] for k in ("file_name", "width", "height")} | {"id": meta["image_id"]})
-    for (x1, y1, x2, y2), cls in zip(meta["boxes"], meta["classes"], strict=True):
-        w, h = x2 - x1, y2 - y1
-        annotations.append(
-            {
-                "id": len(annotations) + 1,
-                "image_id": meta["image_id"],
-                "category_id": cls + 1,
-                "bbox": [x1, y1, w, h],
-                "area": w * h,
-                "iscrowd": 0,
-            }
+class _ValGroundTruth:
+    """The val split's COCO ground truth, built one stored sample at a time: the source's own annotations
+    (``SourceGroundTruth``) where it has them, else the checked boxes (category id = class + 1, area
+    w * h, iscrowd 0); either way at the original resolution, under the samples' image ids."""
+
+    def __init__(self, source: SourceGroundTruth | None, class_names: list[str], report: Report) -> None:
+        self.source, self.report = source, report
+        self.images: list[dict[str, Any]] = []
+        self.annotations: list[dict[str, Any]] = []
+        self.categories = (
+            source.categories if source else [{"id": i + 1, "name": n} for i, n in enumerate(class_names)]
         )
+
+    def add(self, sample: EncodedSample, image_id: int) -> None:
+        width, height = sample.original_width, sample.original_height
+        if self.source is not None and image_id in self.source.images:
+            entry = self.source.images[image_id]
+            if (entry.get("width"), entry.get("height")) != (width, height):
+                given = f"{entry.get('width')}x{entry.get('height')}"
+                self.report.add(
+                    "image_size_mismatch", f"{sample.file_name}: {given} in the file, {width}x{height}"
+                )
+            self.images.append(entry | {"width": width, "height": height})
+            self.annotations += self.source.annotations[image_id]
+            return
+        self.images.append({"id": image_id, "file_name": sample.file_name, "width": width, "height": height})
+        for box, cls in zip(sample.original_boxes.tolist(), sample.classes.tolist(), strict=True):
+            x1, y1, x2, y2 = (round(v, 3) for v in box)
+            w, h = round(x2 - x1, 3), round(y2 - y1, 3)
+            self.annotations.append(
+                {
+                    "id": len(self.annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": cls + 1,
+                    "bbox": [x1, y1, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"images": self.images, "annotations": self.annotations, "categories": self.categories}
 
 
 def _flush(out_dir: Path, split: str, index: int, members: list[tuple[str, bytes]], boxes: int) -> ShardInfo:

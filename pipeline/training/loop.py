@@ -100,7 +100,8 @@ def run_epoch(
 
 
 def validate(state: TrainState) -> dict[str, float]:
-    """COCO mAP of the EMA model's main branch on the whole val split (each rank scores its share)."""
+    """The 12 COCO numbers of the EMA model's main branch on the whole val split (each rank scores its
+    share), under their metric names."""
     cfg = state.cfg
     loader = make_val_loader(
         state.data.val,
@@ -108,20 +109,19 @@ def validate(state: TrainState) -> dict[str, float]:
         imgsz=cfg.train.imgsz,
         rank=state.rank,
         world_size=state.world,
-        num_workers=min(cfg.data.num_workers, 1),
+        num_workers=cfg.data.num_workers,
     )
     share_rank0_buffers(state.ema.module)
     scores = evaluate_distributed(
         state.ema.module,
         loader,
         state.data.val_coco_json,
-        list(range(1, state.num_classes + 1)),
         state.device,
         conf_thres=cfg.train.val_conf,
         iou_thres=cfg.train.val_iou,
         max_det=cfg.train.val_max_det,
     )
-    return {names.MAP: scores["map50_95"], names.MAP50: scores["map50"]}
+    return {names.COCO_METRICS[k]: v for k, v in scores.items()}
 
 
 def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
