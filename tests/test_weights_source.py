@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import names
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import load_config
-from pipeline.pretrained import PretrainedError, sha256_of
+from pipeline.pretrained import PretrainedError, load_source, sha256_of
 from pipeline.train_job import run_training
 from pipeline.weights_source import record_start_weights, resolve_weights
 
@@ -137,3 +137,48 @@ def test_a_local_training_job_starts_from_another_runs_best_checkpoint(tmp_path,
     layer_2 = [k for k in end if k.startswith("layers.2.")]
     assert layer_2 and all((end[k] == start[k]).all() for k in layer_2)
     assert not (end["layers.5.cv1.conv.weight"] == start["layers.5.cv1.conv.weight"]).all()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_ray_run_with_frozen_layers_starts_from_a_reference_file_on_two_workers(
+    tmp_path, tiny_shards, local_ray
+):
+    file = FIXTURES / "yolov9-t.pt"
+    cfg = load_config(
+        None,
+        [
+            "model.name=yolov9-t",
+            f"model.weights={file}",
+            "model.freeze=10",  # the backbone; DDP must cope with parameters that never get a gradient
+            f"data.root={tiny_shards}",
+            "data.num_workers=0",
+            "train.epochs=1",
+            "train.batch_size=2",
+            "train.nominal_batch=4",
+            "train.imgsz=64",
+            "train.steps_per_epoch=2",
+            "train.warmup_min_steps=1",
+            "ray.num_workers=2",
+            "ray.cpus_per_worker=1",
+            "ray.run_name=frozen",
+            f"ray.storage_path={tmp_path / 'ray'}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+    )
+    summary = run_training(cfg)
+    params = MlflowClient(summary.mlflow_uri).get_run(summary.mlflow_run_id).data.params
+    # 80 -> 4 classes (the transfer tests work these counts out)
+    assert [
+        params[k] for k in (names.PRETRAINED_LOADED, names.PRETRAINED_REINITIALISED, names.PRETRAINED_FRESH)
+    ] == [
+        "1700",
+        "12",
+        "60",
+    ]
+    trained = load_checkpoint(summary.latest_checkpoint).model
+    reference = load_source(file).model.state_dict()
+    backbone = [k for k in trained if any(k.startswith(f"layers.{i}.") for i in range(10))]
+    assert any(k.endswith("running_var") for k in backbone)
+    assert all((trained[k] == reference[k]).all() for k in backbone)
+    assert not (trained["layers.10.cv1.conv.weight"] == reference["layers.10.cv1.conv.weight"]).all()
