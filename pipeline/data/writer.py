@@ -74,7 +74,9 @@ def encode_record(
     """Check one record and produce the sample to store (None if the image is unusable) plus problems found.
 
     Keeps the original JPEG bytes unless the image must shrink to ``max_side`` pixels (longest side), is not
-    a JPEG, or carries EXIF data (whose orientation tag decoders disagree on); those are re-encoded.
+    a JPEG, or carries EXIF data; those are re-encoded. The image is decoded as displayed, its EXIF
+    orientation applied (labels of every format refer to the image a person saw when drawing them), and
+    a JPEG with EXIF is stored re-encoded in that orientation, without EXIF, so no decoder can turn it again.
     """
     where = f"{record.file_name} (source id {record.source_id})"
     if record.image_bytes is not None:
@@ -86,8 +88,7 @@ def encode_record(
             data = record.image_path.read_bytes()
         except OSError as e:
             return None, [("unreadable_image", f"{where}: {e}")]
-    # Annotations refer to the stored pixel grid, so EXIF rotation must not be applied.
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # EXIF orientation applied
     if image is None:
         return None, [("unreadable_image", where)]
     height, width = image.shape[:2]
