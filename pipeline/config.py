@@ -9,6 +9,7 @@ nothing is evaluated.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,9 @@ from yolov9.loss import ASSIGN_MODES
 from yolov9.model import MODEL_NAMES
 
 MLFLOW_URI_SCHEMES = ("runs:/", "models:/")  # model URIs that MLflow resolves, kept as given
+
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(PipelineError, ValueError):
@@ -140,6 +144,9 @@ class TuneConfig:
     reduction_factor: int = 2
     search_alg: str = "random"  # random | grid | optuna
     space: dict[str, Any] = field(default_factory=dict)
+    # a training config (path relative to this config's file) whose best checkpoint starts every trial;
+    # trained first when it has no finished run yet. None: trials start from model.weights, or from scratch
+    warm_start: str | None = None
 
 
 @dataclass
@@ -312,13 +319,24 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{where}: not valid YAML ({e})") from e
     values = apply_overrides(values, overrides or [])
     cfg = config_from_dict(values, where)
-    cfg.data.root = _absolute(cfg.data.root)
-    cfg.ray.storage_path = _absolute(cfg.ray.storage_path)
+    cfg.data.root = _absolute("data.root", cfg.data.root)
+    cfg.ray.storage_path = _absolute("ray.storage_path", cfg.ray.storage_path)
+    if cfg.tune.warm_start is not None:
+        folder = Path(path).parent if path is not None else Path.cwd()
+        cfg.tune.warm_start = _absolute("tune.warm_start", cfg.tune.warm_start, folder)
     if cfg.model.weights is not None and not cfg.model.weights.startswith(MLFLOW_URI_SCHEMES):
-        cfg.model.weights = _absolute(cfg.model.weights)
+        cfg.model.weights = _absolute("model.weights", cfg.model.weights)
     return cfg
 
 
-def _absolute(location: str) -> str:
-    """Local paths become absolute so that every Ray worker resolves them alike; URLs stay as given."""
-    return location if "://" in location else str(Path(location).expanduser().resolve())
+def _absolute(key: str, location: str, folder: Path | None = None) -> str:
+    """Local paths become absolute (against ``folder``, default the current one) so that every Ray worker
+    and Tune trial resolves them alike; URLs stay as given. A relative path is logged with what it became:
+    under ``ray job submit`` the current folder is the job's working directory on the head node."""
+    if "://" in location:
+        return location
+    given = Path(location).expanduser()
+    resolved = str(((folder or Path.cwd()) / given).resolve())
+    if not given.is_absolute():
+        log.info("%s %s is a relative path: using %s", key, location, resolved)
+    return resolved

@@ -18,7 +18,7 @@ import csv
 import logging
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,12 @@ from ray.air.constants import EXPR_ERROR_FILE
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from pipeline import names
-from pipeline.config import Config, ConfigError, apply_overrides, config_from_dict
+from pipeline.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
 from pipeline.errors import PipelineError
 from pipeline.tracking import check_tracking_uri, experiment_id, flatten, resolve_tracking_uri
 from pipeline.train import ensure_ray, fit
-from pipeline.train_job import prepare_data
+from pipeline.train_job import prepare_data, run_training
+from pipeline.weights_source import resolve_weights
 
 log = logging.getLogger(__name__)
 DEFAULT_SPACE: dict[str, dict[str, list]] = {
@@ -108,6 +109,8 @@ def _trial(config: dict[str, Any]) -> None:
             names.PARENT_RUN_TAG: config["parent_run_id"],
             names.TRIAL_ID_TAG: context.get_trial_id(),
             names.TRIAL_STATUS_TAG: "running",
+            # where the trial's weights started (empty: from scratch)
+            names.PRETRAINED_PATH_TAG: config["base"]["model"]["weights"] or "",
         },
     )
     run_id = run.info.run_id
@@ -187,12 +190,13 @@ def _parent_run(client: MlflowClient, cfg: Config, resuming: bool) -> tuple[str,
 
 def run_search(cfg: Config) -> list[TrialRow]:
     """Run (or resume, same ``tune.name`` and ``ray.storage_path``) the search; returns the table."""
-    base = cfg.to_dict()
-    space = build_space(cfg.tune.space, base)
+    space = build_space(cfg.tune.space, cfg.to_dict())
     prepare_data(cfg)
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     check_tracking_uri(uri)
     ensure_ray(cfg.ray.address)
+    cfg = starting_weights(cfg, uri)
+    base = cfg.to_dict()
     client = MlflowClient(uri)
     path = str(Path(cfg.ray.storage_path) / cfg.tune.name) if "://" not in cfg.ray.storage_path else None
     resuming = path is not None and tune.Tuner.can_restore(path)
@@ -238,6 +242,48 @@ def no_trial_finished(rows: list[TrialRow]) -> str:
     files = [r.error_file for r in rows if r.error_file]
     where = f"; error files: {', '.join(files)}" if files else ""
     return f"no trial finished: {len(rows)} of {len(rows)} errored{where}; first error: {rows[0].error}"
+
+
+def starting_weights(cfg: Config, uri: str) -> Config:
+    """``cfg`` with ``model.weights`` a local path every trial can read: the best checkpoint of the
+    ``tune.warm_start`` run (trained first when it has not finished yet), else ``model.weights`` resolved
+    (MLflow URIs are looked up here, on the driver), else unchanged."""
+    if cfg.tune.warm_start is None:
+        if cfg.model.weights is None:
+            return cfg
+        weights = resolve_weights(cfg.model.weights, uri)
+    else:
+        start = load_config(cfg.tune.warm_start, [f"mlflow.tracking_uri={uri}"])
+        weights = finished_best_checkpoint(start, uri)
+        if weights is None:
+            log.info(
+                "tune.warm_start: %s has no finished run yet; training it first (its best checkpoint "
+                "starts every trial)",
+                cfg.tune.warm_start,
+            )
+            weights = run_training(start).best_checkpoint
+            if weights is None:
+                raise SearchError(f"tune.warm_start: training {cfg.tune.warm_start} left no checkpoint")
+        log.info("every trial starts from %s", weights)
+    return replace(cfg, model=replace(cfg.model, weights=weights))
+
+
+def finished_best_checkpoint(cfg: Config, uri: str) -> str | None:
+    """The best checkpoint of the newest finished run of ``cfg`` (same experiment, run name and storage)
+    that still exists on disk, or None."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    if experiment is None:
+        return None
+    query = (
+        f"tags.`{names.RUN_NAME_TAG}` = '{cfg.ray.run_name}' and "
+        f"tags.`{names.STORAGE_TAG}` = '{cfg.ray.storage_path}' and attributes.status = 'FINISHED'"
+    )
+    for run in client.search_runs([experiment.experiment_id], query, order_by=["attributes.start_time DESC"]):
+        best = run.data.tags.get(names.BEST_CHECKPOINT_TAG)
+        if best and Path(best).exists():
+            return best
+    return None
 
 
 def _finalise_trials(

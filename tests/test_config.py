@@ -1,5 +1,6 @@
 """Experiment configuration: typed sections, overrides, and errors that name the file and the key."""
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,13 @@ def test_missing_file_and_invalid_yaml_are_reported(tmp_path):
 def test_an_unquoted_off_for_a_text_key_says_to_quote_it():
     with pytest.raises(ConfigError, match="train.amp must be a str, got False .*train.amp='off'"):
         load_config(None, ["train.amp=off"])
+
+
+def test_a_relative_path_is_resolved_against_the_current_folder_and_logged(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.INFO, logger="pipeline.config"):
+        cfg = load_config(None, ["data.root=shards/coco", f"ray.storage_path={tmp_path / 'runs'}"])
+    assert cfg.data.root == str(tmp_path / "shards" / "coco")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"data.root shards/coco is a relative path: using {tmp_path / 'shards' / 'coco'}"
+    ]

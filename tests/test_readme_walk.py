@@ -12,6 +12,7 @@ fresh folder, with the default settings (relative ``sqlite:///mlflow.db``, the s
 """
 
 import base64
+import csv
 import json
 import os
 import re
@@ -100,6 +101,22 @@ def test_the_demo_trains_a_detector_that_learned(demo, folder, store):
     }
 
 
+def test_fine_tuning_the_demo_scores_in_one_epoch_what_a_fresh_start_does_not(demo, folder, store):
+    (run,) = store.search_runs(
+        [store.get_experiment_by_name("yolov9-demo").experiment_id], "tags.`ray.run_name` = 'demo'"
+    )
+    scratch_first_epoch = min(store.get_metric_history(run.info.run_id, "val/map50_95"), key=lambda m: m.step)
+    command = [
+        "jobs.train",
+        f"model.weights=runs:/{run.info.run_id}",
+        "train.epochs=1",
+        "ray.run_name=finetune",
+    ]
+    tuned = succeeded(typed(folder, *command, timeout=600))
+    found = re.search(r"best mAP@0\.5:0\.95 ([\d.]+), mAP@0\.5 ([\d.]+) after 1 epochs", tuned)
+    assert scratch_first_epoch.value < 0.05 and float(found[1]) > 0.3, (scratch_first_epoch.value, found[0])
+
+
 def test_evaluate_rescores_the_demos_best_checkpoint(demo, folder):
     best = re.search(r"best checkpoint:\s+(\S+)", demo)[1]
     command = ["jobs.evaluate", "--checkpoint", best, "--data", "data/synthetic"]
@@ -125,7 +142,8 @@ def test_mlflow_ui_shows_the_demos_experiment(demo, folder, tmp_path):
 
 
 def test_the_search_logs_every_trial_into_the_users_store(search, store):
-    assert re.search(r"^2 completed, 0 stopped early, 0 errored$", search, re.M), search[-2000:]
+    counts = re.search(r"^(\d) completed, (\d) stopped early, 0 errored$", search, re.M)
+    assert counts and int(counts[1]) + int(counts[2]) == 2, search[-2000:]
     experiment = store.get_experiment_by_name("yolov9-tune-demo")
     runs = store.search_runs([experiment.experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -136,6 +154,20 @@ def test_the_search_logs_every_trial_into_the_users_store(search, store):
         "trials.png",
         "best_config.yaml",
     }
+
+
+def test_the_search_starts_from_the_demo_and_ranks_its_trials(demo, search, store, tmp_path):
+    experiment = store.get_experiment_by_name("yolov9-tune-demo")
+    (parent,) = store.search_runs([experiment.experiment_id], "tags.`tune.name` = 'tune-demo'")
+    with open(store.download_artifacts(parent.info.run_id, "trials.csv", str(tmp_path))) as f:
+        best = [float(row["best_map"]) for row in csv.DictReader(f)]
+    # from the demo's trained model a trial keeps a real mAP; a search that cannot rank scores all alike
+    assert min(best) > 0.1 and len({round(b, 4) for b in best}) == len(best), best
+    demo_best = re.search(r"best checkpoint:\s+(\S+)", demo)[1]
+    trials = store.search_runs(
+        [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert {t.data.tags["pretrained.path"] for t in trials} == {demo_best}
 
 
 def test_the_best_trials_config_is_a_training_config(search, store, tmp_path):

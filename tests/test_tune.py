@@ -4,8 +4,10 @@ import csv
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
+from pipeline import names
 from pipeline.config import load_config
 from pipeline.tune import SearchError, build_space, run_search
 
@@ -139,3 +141,36 @@ def test_an_unknown_search_key_fails_before_any_trial():
         build_space({"loss.aux_wieght": {"uniform": [0.1, 1.0]}}, cfg.to_dict())
     with pytest.raises(SearchError, match="expected one of"):
         build_space({"loss.aux_weight": {"between": [0.1, 1.0]}}, cfg.to_dict())
+
+
+def test_a_warm_start_is_trained_once_and_starts_every_trial(tmp_path, tiny_shards, local_ray):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    start = {
+        "model": {"name": "yolov9-t"},
+        "data": {"root": str(tiny_shards), "num_workers": 0, "shuffle_buffer": 8},
+        "train": {"epochs": 1, "batch_size": 2, "nominal_batch": 2, "imgsz": 64, "steps_per_epoch": 2,
+                  "warmup_min_steps": 1, "close_mosaic": 0},
+        "ray": {"num_workers": 1, "run_name": "start", "storage_path": str(tmp_path / "ray")},
+        "mlflow": {"tracking_uri": uri, "experiment": "start"},
+    }  # fmt: skip
+    (tmp_path / "start.yaml").write_text(yaml.safe_dump(start))
+    client = MlflowClient(uri)
+
+    def search(name: str):
+        overrides = small_search(tmp_path, tiny_shards, name, "{loss.aux_weight: {grid: [0.5]}}")
+        cfg = load_config(None, [*overrides, f"tune.warm_start={tmp_path / 'start.yaml'}", "train.epochs=1"])
+        (row,) = run_search(cfg)
+        return client.get_run(row.mlflow_run_id).data.tags[names.PRETRAINED_PATH_TAG]
+
+    first = search("warm-1")
+    (trained,) = client.search_runs([client.get_experiment_by_name("start").experiment_id])
+    assert trained.info.status == "FINISHED" and first == trained.data.tags[names.BEST_CHECKPOINT_TAG]
+    assert search("warm-2") == first  # the finished run is found, not trained again
+    assert len(client.search_runs([client.get_experiment_by_name("start").experiment_id])) == 1
+
+
+def test_warm_start_is_relative_to_the_config_file(tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "search.yaml").write_text("tune: {warm_start: start.yaml}\n")
+    cfg = load_config(tmp_path / "configs" / "search.yaml")
+    assert cfg.tune.warm_start == str(tmp_path / "configs" / "start.yaml")
