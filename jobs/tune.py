@@ -12,7 +12,7 @@ from pathlib import Path
 
 from jobs.cli import run
 from pipeline.config import load_config
-from pipeline.tune import run_search
+from pipeline.tune import ranking_table, run_search
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "tune-demo.yaml"
 
@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
-    rows = run_search(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    rows = run_search(cfg)
+    print(ranking_table(rows, cfg.tune.mode))
     print(
         f"\n{sum(r.status == 'completed' for r in rows)} completed, "
         f"{sum(r.status == 'stopped early' for r in rows)} stopped early, "

@@ -357,7 +357,6 @@ def _last_line(error: BaseException) -> str:
 
 def _log_summary(client: MlflowClient, parent_id: str, rows: list[TrialRow], cfg: Config) -> None:
     keys = sorted({k for r in rows for k in r.params})
-    log.info("%s", format_table(rows, keys))
     with tempfile.TemporaryDirectory() as d:
         table = Path(d) / "trials.csv"
         with open(table, "w", newline="") as f:
@@ -393,11 +392,28 @@ def _log_summary(client: MlflowClient, parent_id: str, rows: list[TrialRow], cfg
     client.set_terminated(parent_id, status="FINISHED")
 
 
-def format_table(rows: list[TrialRow], keys: list[str]) -> str:
-    header = ["trial", *keys, "best", "epochs", "status"]
+def ranking_table(rows: list[TrialRow], mode: str = "max") -> str:
+    """The trials as a text table, best first (errored trials last): rank, trial, the searched values,
+    the best metric, epochs trained and status."""
+    keys = sorted({k for r in rows for k in r.params})
+    ranked = sorted(
+        rows,
+        key=lambda r: (
+            r.status == "errored" or math.isnan(r.best_map),
+            -r.best_map if mode == "max" else r.best_map,
+        ),
+    )
+    header = ["rank", "trial", *keys, "best", "epochs", "status"]
     lines = [
-        [r.trial, *(_short(r.params.get(k)) for k in keys), f"{r.best_map:.4f}", str(r.epochs), r.status]
-        for r in rows
+        [
+            str(i),
+            r.trial,
+            *(_short(r.params.get(k)) for k in keys),
+            f"{r.best_map:.4f}",
+            str(r.epochs),
+            r.status,
+        ]
+        for i, r in enumerate(ranked, 1)
     ]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=False)]
     return "\n".join(

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import names
 from pipeline.config import load_config
-from pipeline.tune import SearchError, build_space, run_search
+from pipeline.tune import SearchError, TrialRow, build_space, ranking_table, run_search
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -174,3 +174,13 @@ def test_warm_start_is_relative_to_the_config_file(tmp_path):
     (tmp_path / "configs" / "search.yaml").write_text("tune: {warm_start: start.yaml}\n")
     cfg = load_config(tmp_path / "configs" / "search.yaml")
     assert cfg.tune.warm_start == str(tmp_path / "configs" / "start.yaml")
+
+
+def test_the_ranking_table_puts_the_best_trial_first_and_errored_ones_last():
+    def row(name: str, best: float, status: str) -> TrialRow:
+        return TrialRow(name, {"loss.aux_weight": 0.5}, best, 2, status, None, None)
+
+    rows = [row("a", 0.2, "completed"), row("b", float("nan"), "errored"), row("c", 0.4, "stopped early")]
+    lines = ranking_table(rows, "max").splitlines()
+    assert [line.split()[1] for line in lines[1:]] == ["c", "a", "b"]
+    assert lines[0].split() == ["rank", "trial", "loss.aux_weight", "best", "epochs", "status"]
