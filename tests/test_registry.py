@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.checkpoint import TrainingCheckpoint, load_checkpoint, save_checkpoint
 from pipeline.config import Config
 from pipeline.data import read_manifest
-from pipeline.data.manifest import manifest_path
+from pipeline.data.manifest import coco_json_path, manifest_path
 from pipeline.registry import (
     CHAMPION,
     RegistrationError,
@@ -325,7 +325,7 @@ def test_champion_predicts_in_a_fresh_process_like_the_evaluator(registry, tiny_
     """jobs.predict on the val JPEGs gives, in original pixels, the boxes the mAP evaluator scores
     against the ground truth."""
     from pipeline.checkpoint import ema_model
-    from pipeline.coco_eval import detections_from_predictions
+    from pipeline.coco_eval import detections_from_predictions, load_ground_truth, results_json
     from pipeline.data.loader import make_val_loader
     from yolov9.postprocess import non_max_suppression
 
@@ -357,13 +357,14 @@ def test_champion_predicts_in_a_fresh_process_like_the_evaluator(registry, tiny_
     assert set(served) == set(ids) and all((tmp_path / "out" / name).is_file() for name in ids)
     loader = make_val_loader(read_manifest(manifest_path(tiny_shards, "val")), 16, IMGSZ, 0, 1, 0)
     model = ema_model(load_checkpoint(checkpoint))
+    truth = load_ground_truth(coco_json_path(tiny_shards, "val"))
     reference = []
     with torch.no_grad():  # the evaluator's path: val loader letterbox, dual model, its box mapping
         for images, metas in loader:
             preds = non_max_suppression(
                 model(images.float() / 255), conf_thres=1e-4, iou_thres=0.45, max_det=20
             )
-            reference.extend(detections_from_predictions(preds, metas, [1, 2, 3, 4]))
+            reference.extend(results_json(detections_from_predictions(preds, metas, truth)))
     assert sum(len(d["boxes"]) for d in served.values()) > 0
     for name, image_id in ids.items():
         ref = [d for d in reference if d["image_id"] == image_id]
