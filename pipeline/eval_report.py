@@ -20,8 +20,8 @@ STAT_LABELS = {
     "map_small": "AP    IoU=0.50:0.95 area=small  maxDets=100",
     "map_medium": "AP    IoU=0.50:0.95 area=medium maxDets=100",
     "map_large": "AP    IoU=0.50:0.95 area=large  maxDets=100",
-    "ar1": "AR    IoU=0.50:0.95 area=all    maxDets=1",
-    "ar10": "AR    IoU=0.50:0.95 area=all    maxDets=10",
+    "ar1": "AR    IoU=0.50:0.95 area=all    maxDets=  1",
+    "ar10": "AR    IoU=0.50:0.95 area=all    maxDets= 10",
     "ar100": "AR    IoU=0.50:0.95 area=all    maxDets=100",
     "ar_small": "AR    IoU=0.50:0.95 area=small  maxDets=100",
     "ar_medium": "AR    IoU=0.50:0.95 area=medium maxDets=100",
@@ -47,14 +47,15 @@ def per_class_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
 
 def format_table(evaluation: Evaluation) -> str:
     """The 12 COCO numbers, then per-class AP, then the confusion counts summed, as aligned text."""
-    lines = ["COCO bbox (pycocotools)"]
-    lines += [f"  {STAT_LABELS[k]}  {v:6.3f}" for k, v in evaluation.scores.stats.items()]
+    lines = ["COCO bbox (pycocotools; -: nothing of that size in the ground truth)"]
+    lines += [f"  {STAT_LABELS[k]}  {_figure(v)}" for k, v in evaluation.scores.stats.items()]
     rows = per_class_rows(evaluation)
     width = max(len("class"), *(len(r["class"]) for r in rows))
     lines += ["", f"  {'class':<{width}}  {'objects':>7}  {'AP50-95':>7}  {'AP50':>7}"]
     for r in rows:
-        ap, ap50 = (f"{r[k]:7.3f}" if r[k] > -1 else f"{'-':>7}" for k in ("ap50_95", "ap50"))
-        lines.append(f"  {r['class']:<{width}}  {r['objects']:>7}  {ap}  {ap50}")
+        lines.append(
+            f"  {r['class']:<{width}}  {r['objects']:>7}  {_figure(r['ap50_95'])}  {_figure(r['ap50'])}"
+        )
     matrix, k = evaluation.confusion, len(evaluation.class_names)
     right = int(matrix[:k, :k].trace())
     lines += [
@@ -64,6 +65,11 @@ def format_table(evaluation: Evaluation) -> str:
         f"{int(matrix[k, :k].sum())} false positives",
     ]
     return "\n".join(lines)
+
+
+def _figure(value: float) -> str:
+    """A score in 7 characters; COCO's -1 (undefined) as a dash."""
+    return f"{value:7.3f}" if value > -1 else f"{'-':>7}"
 
 
 def report_dict(evaluation: Evaluation) -> dict[str, Any]:
