@@ -39,12 +39,16 @@ def model_for(args: argparse.Namespace) -> tuple[torch.nn.Module, int]:
     """The model to validate and its image size."""
     if args.checkpoint:
         state = load_checkpoint(args.checkpoint)
-        return ema_model(state).eval(), args.imgsz or state.train_image_size()
-    torch.manual_seed(0)
-    model = build_model("yolov9-t", num_classes=len(SYNTHETIC_CLASSES)).eval()
-    for tower in (*model.head.cv3, *getattr(model.head, "cv5", ())):
-        tower[-1].bias.data += args.cls_bias_shift
-    return model, args.imgsz or 160
+        model = ema_model(state)
+        imgsz = args.imgsz or state.train_image_size()
+    else:
+        torch.manual_seed(0)
+        model = build_model("yolov9-t", num_classes=len(SYNTHETIC_CLASSES))
+        for tower in (*model.head.cv3, *getattr(model.head, "cv5", ())):
+            tower[-1].bias.data += args.cls_bias_shift
+        imgsz = args.imgsz or 160
+    # the layout training gives the model (pipeline.training.state), which validation keeps
+    return model.to(memory_format=torch.channels_last).eval(), imgsz
 
 
 @torch.no_grad()
@@ -66,7 +70,7 @@ def one_pass(model: torch.nn.Module, root: Path, imgsz: int, batch: int) -> tupl
             break
         images, metas = item
         start = time.perf_counter()
-        out = model(images.float() / 255)
+        out = model(images.contiguous(memory_format=torch.channels_last).float() / 255)
         seconds["forward"] += time.perf_counter() - start
         candidates += int((out[:, 4:] > 0.001).sum())
         start = time.perf_counter()

@@ -57,12 +57,13 @@ def predict_detections(
     iou_thres: float = 0.7,
     max_det: int = 300,
 ) -> np.ndarray:
-    """Detections ``(N, 7)`` in original-image pixels for every image the loader yields. On a GPU the
-    forward pass runs under autocast (NMS and the mapping back stay in float32 and float64)."""
+    """Detections ``(N, 7)`` in original-image pixels for every image the loader yields. Images go in
+    channels-last, the layout training gives the model; on a GPU the forward pass runs under autocast
+    (NMS and the mapping back stay in float32 and float64)."""
     model.eval()
     parts = [np.zeros((0, 7))]
     for images, metas in loader:
-        x = images.to(device, non_blocking=True).float() / 255
+        x = images.to(device, non_blocking=True, memory_format=torch.channels_last).float() / 255
         with torch.autocast(device.type, enabled=device.type == "cuda"):
             out = model(x)
         preds = non_max_suppression(
@@ -182,7 +183,7 @@ def checkpoint_evaluation(
     )
     train = state.config.get("train", {})
     return evaluate_model(
-        ema_model(state).to(device),
+        ema_model(state).to(device, memory_format=torch.channels_last),
         loader,
         coco_json_path(data_root, "val"),
         torch.device(device),

@@ -50,13 +50,15 @@ def greedy_nms(
     that later rounds only touch the boxes still in play.
     """
     batch, n = scores.shape
-    keep = torch.full((batch, max_keep), -1, dtype=torch.long, device=boxes.device)
     if n == 0 or max_keep == 0:
-        return keep
+        return torch.full((batch, max_keep), -1, dtype=torch.long, device=boxes.device)
     order = scores.argsort(dim=1, descending=True, stable=True)  # positions of the boxes still in play
-    alive = valid.gather(1, order)
-    x1, y1, x2, y2 = boxes.gather(1, order[..., None].expand(-1, -1, 4)).unbind(-1)
-    areas = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
+    alive = valid.gather(1, order).to(torch.uint8)  # argmax takes uint8, not bool
+    ordered = boxes.gather(1, order[..., None].expand(-1, -1, 4)).permute(2, 0, 1)
+    area = (ordered[2] - ordered[0]).clamp(min=0) * (ordered[3] - ordered[1]).clamp(min=0)
+    coords = torch.cat((ordered, area[None]))  # (5, B, N): x1, y1, x2, y2, area; one gather per round
+    picked = torch.zeros((batch, max_keep), dtype=torch.long, device=boxes.device)
+    found = torch.zeros((batch, max_keep), dtype=torch.bool, device=boxes.device)
     rows = torch.arange(batch, device=boxes.device)
     tiny = torch.finfo(boxes.dtype).tiny
     for k in range(max_keep):
@@ -65,19 +67,20 @@ def greedy_nms(
             if left == 0:
                 break
             if left <= alive.shape[1] // 2:  # keep the alive boxes, in order, and drop the rest
-                take = alive.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :left]
+                take = alive.argsort(dim=1, descending=True, stable=True)[:, :left]
                 order, alive = order.gather(1, take), alive.gather(1, take)
-                x1, y1, x2, y2, areas = (c.gather(1, take) for c in (x1, y1, x2, y2, areas))
-        best = alive.to(torch.uint8).argmax(1)  # the first alive box: the best one left, ties in input order
-        found = alive[rows, best]
-        keep[:, k] = torch.where(found, order[rows, best], -1)
-        bx1, by1, bx2, by2 = (c[rows, best][:, None] for c in (x1, y1, x2, y2))
+                coords = coords.gather(2, take[None].expand(5, -1, -1))
+        best = alive.argmax(1)  # the first alive box: the best one left, ties in input order
+        found[:, k] = alive[rows, best].bool()
+        picked[:, k] = order[rows, best]
+        x1, y1, x2, y2, areas = coords
+        bx1, by1, bx2, by2, barea = coords[:, rows, best, None]
         inter = (torch.minimum(x2, bx2) - torch.maximum(x1, bx1)).clamp_(min=0)
         inter *= (torch.minimum(y2, by2) - torch.maximum(y1, by1)).clamp_(min=0)
-        union = areas + areas[rows, best][:, None] - inter
-        alive &= inter / union.clamp_(min=tiny) <= iou_thres
-        alive[rows, best] = False
-    return keep
+        union = (areas + barea).sub_(inter).clamp_(min=tiny)
+        alive *= inter.div_(union) <= iou_thres
+        alive[rows, best] = 0
+    return torch.where(found, picked, -1)
 
 
 def nms(
