@@ -105,7 +105,7 @@ def validate(state: TrainState) -> dict[str, float]:
     cfg = state.cfg
     loader = make_val_loader(
         state.data.val,
-        batch_size=cfg.train.batch_size,
+        batch_size=2 * cfg.train.batch_size,  # no activations kept; NMS rounds cost per batch, not image
         imgsz=cfg.train.imgsz,
         rank=state.rank,
         world_size=state.world,
