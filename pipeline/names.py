@@ -46,7 +46,7 @@ LOSS_PARTS = ("box", "cls", "dfl")  # suffixes of the per-branch loss metrics (t
 SKIPPED_STEPS = "train/skipped_steps"  # steps skipped for a non-finite loss or gradients
 AMP_SKIPPED_STEPS = "train/amp_skipped_steps"  # optimizer steps the fp16 loss scaler skipped (overflow)
 EPOCH_END_TIME = "epoch_end_time"  # Unix seconds; the MLflow timestamp of the epoch's metrics, not a metric
-STOP_CAUSE = "stop_cause"  # a report that ends a run early (diverged): the one-line cause, not a metric
+STOP_CAUSE = "stop_cause"  # a run that ended early (diverged): the one-line cause, not a metric
 PREEMPTED = "preempted"  # a mid-epoch report after SIGTERM (its checkpoint holds the loader position)
 
 # tags of training runs

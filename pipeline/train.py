@@ -44,7 +44,7 @@ from pipeline.training import (
     train,
 )
 from pipeline.training.artifacts import CURVES_PNG, write_epoch_artifacts
-from pipeline.training.preemption import install_sigterm_handler
+from pipeline.training.preemption import install_sigterm_handler, training
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,11 @@ def ensure_ray(address: str | None) -> None:
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1")
 
 
-def train_worker(loop_config: dict[str, Any]) -> None:
+def train_worker(loop_config: dict[str, Any]) -> dict[str, str] | None:
     """Ray Train worker entry: the engine's epoch loop on this worker's rank, resumed from Ray's latest
     loadable checkpoint, reporting each epoch (rank 0 attaches the checkpoint). ``loop_config["step_hooks"]``
-    adds step hooks (the tests' fault injection)."""
+    adds step hooks (the tests' fault injection). Returns ``{names.STOP_CAUSE: ...}`` when the model
+    diverged (rank 0's return value is the run's ``Result.return_value``)."""
     cfg = config_from_dict(loop_config["config"])
     context = ray.train.get_context()
     state = build_train_state(
@@ -92,12 +93,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     )
     hooks = [*loop_config.get("step_hooks", []), ProgressLog(cfg.train.progress_every_s)]
     try:
-        train(state, report_epoch, hooks, on_stop=report_stop)
+        with training():
+            train(state, report_epoch, hooks, on_stop=report_stop)
     except TrainingDiverged as e:
-        # Every rank diverges at the same step (the skip decision is agreed). Reported and returned rather
-        # than raised: Ray would restart the workers into the same seeded divergence up to max_failures.
+        # Every rank diverges at the same step (the skip decision is agreed). Returned rather than raised:
+        # Ray would restart the workers into the same seeded divergence up to max_failures.
         log.error("%s", e)
-        ray.train.report({names.STOP_CAUSE: str(e)}, checkpoint=None)
+        return {names.STOP_CAUSE: str(e)}
+    return None
 
 
 def resume_checkpoint(latest: ray.train.Checkpoint | None) -> TrainingCheckpoint | None:
@@ -141,13 +144,13 @@ def report_epoch(state: TrainState, metrics: dict[str, float]) -> None:
 
 def report_stop(state: TrainState) -> None:
     """After a stop request (SIGTERM): rank 0 reports the state as it is, mid-epoch (its ``step`` is the
-    loader position a rerun resumes from); never the best checkpoint (its score is -inf)."""
+    loader position a rerun resumes from); never the best checkpoint (its score is below any mAP)."""
     log.warning("rank %d: checkpointing at step %d (epoch %d) before stopping", state.rank, state.step,
                 state.epoch + 1)  # fmt: skip
     if state.rank != 0:
         ray.train.report({}, checkpoint=None)
         return
-    metrics = {names.PREEMPTED: float(state.step), names.MAP: float("-inf")}
+    metrics = {names.PREEMPTED: float(state.step), names.MAP: -1.0}
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(d, state.checkpoint(metrics))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -306,6 +309,6 @@ def fit(
         ),
     )
     result = trainer.fit()
-    if cause := (result.metrics or {}).get(names.STOP_CAUSE):
+    if cause := (result.return_value or {}).get(names.STOP_CAUSE):
         raise TrainingDiverged(cause)
     return result

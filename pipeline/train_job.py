@@ -101,7 +101,8 @@ def run_training(
     cfg: Config, *, local: bool = False, loop_extras: dict[str, Any] | None = None
 ) -> TrainingSummary:
     """Train ``cfg`` with MLflow tracking, on Ray Train or (``local``) in this process without Ray; rerun
-    with the same run name to resume. ``loop_extras`` goes to the Ray workers' loop config."""
+    with the same run name to resume. ``loop_extras`` goes to the Ray workers' loop config (its
+    ``step_hooks`` to the local run too)."""
     train_manifest, val_manifest = prepare_data(cfg)
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     check_tracking_uri(uri)
@@ -122,7 +123,9 @@ def run_training(
         # workers get model.weights as a local path; the transfer is checked once, here
         cfg = record_start_weights(cfg, cfg.model.num_classes or train_manifest.num_classes, uri, run_id)
         if local:
-            checkpoints = fit_local(cfg, tracking=(uri, run_id))
+            checkpoints = fit_local(
+                cfg, tracking=(uri, run_id), hooks=(loop_extras or {}).get("step_hooks", ())
+            )
         else:
             checkpoints = _fit_on_ray(cfg, client, (uri, run_id), loop_extras)
     except BaseException:

@@ -34,7 +34,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.tracking import TrackingOutbox, artifact_record, epoch_record
 from pipeline.training.artifacts import write_epoch_artifacts
 from pipeline.training.loop import train
-from pipeline.training.preemption import clear_stop_request, install_sigterm_handler
+from pipeline.training.preemption import clear_stop_request, install_sigterm_handler, training
 from pipeline.training.progress import epoch_summary, progress_hook
 from pipeline.training.state import TrainingData, TrainState, build_train_state
 from pipeline.training.step import StepHook
@@ -141,7 +141,8 @@ def _sigterm_stops() -> Iterator[None]:
     clear_stop_request()
     install_sigterm_handler()
     try:
-        yield
+        with training():
+            yield
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -13,6 +13,9 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
 
 from pipeline.errors import PipelineError
 
@@ -21,6 +24,7 @@ log = logging.getLogger(__name__)
 # Below Kubernetes' default 30 s grace period: the process ends on its own terms before SIGKILL.
 DEFAULT_GRACE_S = 25.0
 _requested = threading.Event()
+_training = threading.Event()  # SIGTERM means "stop after this step" only while training runs
 _watchdogs: list[threading.Timer] = []
 
 
@@ -54,6 +58,29 @@ def clear_stop_request() -> None:
 
 
 def install_sigterm_handler(grace_s: float = DEFAULT_GRACE_S) -> None:
-    """Make SIGTERM a stop request. Python installs signal handlers from the main thread only: a Ray Train
-    worker calls this through a task on its actor (``pipeline.train``), the local run from its own thread."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: request_stop(grace_s))
+    """Make SIGTERM a stop request while ``training()`` is active, and what it was before otherwise (a Ray
+    worker that is shut down after its run must still exit at once). Python installs signal handlers from
+    the main thread only: a Ray Train worker calls this through a task on its actor (``pipeline.train``),
+    the local run from its own thread."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        if _training.is_set():
+            request_stop(grace_s)
+        elif callable(previous):
+            previous(signum, frame)
+        else:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+@contextmanager
+def training() -> Iterator[None]:
+    """The span in which SIGTERM requests a stop (instead of ending the process at once)."""
+    _training.set()
+    try:
+        yield
+    finally:
+        _training.clear()
