@@ -8,6 +8,7 @@ sigmoid). ``non_max_suppression`` turns that into one ``(n, 6)`` tensor per imag
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -16,6 +17,10 @@ import torch
 MAX_WH = 7680
 # Greedy rounds between checks that every image is done: a check is a host sync on a GPU.
 ROUNDS_PER_CHECK = 16
+# Score-sorted boxes decided together: a round's work is one window, not every candidate.
+NMS_WINDOW = 1024
+# Kept boxes checked against a new window at once.
+KEPT_CHUNK = 64
 
 
 def xywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
@@ -44,43 +49,77 @@ def greedy_nms(
 
     ``boxes`` ``(B, N, 4)`` xyxy, ``scores`` ``(B, N)``, ``valid`` ``(B, N)`` bool (padding is False). A box
     is dropped when its IoU with a kept, higher-scored box is > ``iou_thres``; ties in score keep input
-    order. Round k keeps each image's best remaining box and drops what it overlaps: O(max_keep * N) work
-    per image, one vectorised pass per round over the whole batch, no IoU matrix. Every ROUNDS_PER_CHECK
-    rounds (the only host syncs) it stops if every image is done and drops the boxes already decided, so
-    that later rounds only touch the boxes still in play.
+    order. The score-sorted boxes are taken NMS_WINDOW at a time: the boxes kept so far drop what they
+    overlap in the window, then each round keeps every image's best remaining box in the window and drops
+    what it overlaps there (one vectorised pass over the batch, no IoU matrix). Host syncs only every
+    ROUNDS_PER_CHECK rounds: to move on once the window is decided (then dropping the decided boxes) and
+    to stop once every image has ``max_keep`` boxes, which is usually within the first window.
     """
     batch, n = scores.shape
+    device = boxes.device
+    picked = torch.full((batch, max_keep + 1), -1, dtype=torch.long, device=device)  # last: overflow slot
     if n == 0 or max_keep == 0:
-        return torch.full((batch, max_keep), -1, dtype=torch.long, device=boxes.device)
-    order = scores.argsort(dim=1, descending=True, stable=True)  # positions of the boxes still in play
-    alive = valid.gather(1, order).to(torch.uint8)  # argmax takes uint8, not bool
+        return picked[:, :max_keep]
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    valid = valid.gather(1, order)
     ordered = boxes.gather(1, order[..., None].expand(-1, -1, 4)).permute(2, 0, 1)
     area = (ordered[2] - ordered[0]).clamp(min=0) * (ordered[3] - ordered[1]).clamp(min=0)
-    coords = torch.cat((ordered, area[None]))  # (5, B, N): x1, y1, x2, y2, area; one gather per round
-    picked = torch.zeros((batch, max_keep), dtype=torch.long, device=boxes.device)
-    found = torch.zeros((batch, max_keep), dtype=torch.bool, device=boxes.device)
-    rows = torch.arange(batch, device=boxes.device)
-    tiny = torch.finfo(boxes.dtype).tiny
-    for k in range(max_keep):
-        if k % ROUNDS_PER_CHECK == 0 and k:
-            left = int(alive.sum(1).max())
-            if left == 0:
-                break
-            if left <= alive.shape[1] // 2:  # keep the alive boxes, in order, and drop the rest
-                take = alive.argsort(dim=1, descending=True, stable=True)[:, :left]
-                order, alive = order.gather(1, take), alive.gather(1, take)
-                coords = coords.gather(2, take[None].expand(5, -1, -1))
-        best = alive.argmax(1)  # the first alive box: the best one left, ties in input order
-        found[:, k] = alive[rows, best].bool()
-        picked[:, k] = order[rows, best]
-        x1, y1, x2, y2, areas = coords
-        bx1, by1, bx2, by2, barea = coords[:, rows, best, None]
-        inter = (torch.minimum(x2, bx2) - torch.maximum(x1, bx1)).clamp_(min=0)
-        inter *= (torch.minimum(y2, by2) - torch.maximum(y1, by1)).clamp_(min=0)
-        union = (areas + barea).sub_(inter).clamp_(min=tiny)
-        alive *= inter.div_(union) <= iou_thres
-        alive[rows, best] = 0
-    return torch.where(found, picked, -1)
+    coords = torch.cat((ordered, area[None]))  # (5, B, N): x1, y1, x2, y2, area
+    count = torch.zeros(batch, dtype=torch.long, device=device)
+    rows = torch.arange(batch, device=device)
+    kept, kept_mask = [], []  # per round: the chosen boxes (5, B) and whether each was kept (B,)
+    for start in range(0, n, NMS_WINDOW):
+        window = coords[:, :, start : start + NMS_WINDOW]
+        position = order[:, start : start + NMS_WINDOW]
+        alive = valid[:, start : start + NMS_WINDOW].to(torch.uint8)  # argmax takes uint8, not bool
+        if kept:
+            alive *= ~_suppressed(torch.stack(kept, 2), torch.stack(kept_mask, 1), window, iou_thres)
+        for k in itertools.count():
+            if k % ROUNDS_PER_CHECK == 0 and k:
+                left = alive.sum(1) * (count < max_keep)
+                most = int(left.max())
+                if most == 0:
+                    break
+                if most <= alive.shape[1] // 2:  # keep the alive boxes, in order, and drop the rest
+                    take = alive.argsort(dim=1, descending=True, stable=True)[:, :most]
+                    position, alive = position.gather(1, take), alive.gather(1, take)
+                    window = window.gather(2, take[None].expand(5, -1, -1))
+            best = alive.argmax(1)  # the first alive box: the best one left, ties in input order
+            found = alive[rows, best].bool() & (count < max_keep)
+            picked[rows, torch.where(found, count, max_keep)] = position[rows, best]
+            count += found
+            chosen = window[:, rows, best]
+            kept.append(chosen)
+            kept_mask.append(found)
+            alive *= _iou_with(chosen[..., None], window) <= iou_thres
+            alive[rows, best] = 0
+        if bool((count >= max_keep).all()):
+            break
+    picked[:, max_keep] = -1
+    return picked[:, :max_keep]
+
+
+def _iou_with(chosen: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """IoU of boxes ``chosen`` (5, B, ...) with boxes ``window`` (5, B, ...), both as x1, y1, x2, y2, area,
+    broadcast (one box per image against a window: (5, B, 1) and (5, B, W)); 0 where the union is empty."""
+    x1, y1, x2, y2, area = window
+    bx1, by1, bx2, by2, barea = chosen
+    inter = (torch.minimum(x2, bx2) - torch.maximum(x1, bx1)).clamp_(min=0)
+    inter *= (torch.minimum(y2, by2) - torch.maximum(y1, by1)).clamp_(min=0)
+    union = (area + barea).sub_(inter).clamp_(min=torch.finfo(area.dtype).tiny)
+    return inter.div_(union)
+
+
+def _suppressed(
+    kept: torch.Tensor, mask: torch.Tensor, window: torch.Tensor, iou_thres: float
+) -> torch.Tensor:
+    """``(B, W)``: boxes of ``window`` (5, B, W) that a kept box (``kept`` (5, B, R) where ``mask`` (B, R))
+    overlaps by IoU > ``iou_thres``; KEPT_CHUNK kept boxes at a time keep the (B, chunk, W) IoU small."""
+    hit = torch.zeros(window.shape[1:], dtype=torch.bool, device=window.device)
+    for r in range(0, kept.shape[2], KEPT_CHUNK):
+        iou = _iou_with(kept[:, :, r : r + KEPT_CHUNK, None], window[:, :, None, :])
+        hit |= ((iou > iou_thres) & mask[:, r : r + KEPT_CHUNK, None]).any(1)
+    return hit
 
 
 def nms(
