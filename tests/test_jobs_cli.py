@@ -79,7 +79,9 @@ def test_predict_with_a_model_that_is_not_registered(tmp_path, tiny_shards):
     assert_one_line_error(result, "cannot load --model models:/absent@champion")
 
 
-@pytest.mark.parametrize("module", ["train", "tune", "evaluate", "register", "predict", "make_shards"])
+@pytest.mark.parametrize(
+    "module", ["train", "tune", "evaluate", "register", "predict", "make_shards", "sync_tracking"]
+)
 def test_every_job_runs_through_the_cli_wrapper(module):
     source = (REPO / "jobs" / f"{module}.py").read_text()
     assert source.rstrip().endswith('if __name__ == "__main__":\n    run(main)')
@@ -100,4 +102,4 @@ def test_the_console_script_runs_the_same_jobs(tmp_path):
 def test_the_console_script_lists_its_commands(tmp_path):
     result = subprocess.run([str(Path(sys.executable).parent / "yolov9-ray")], capture_output=True, text=True)
     assert result.returncode == USER_ERROR_EXIT
-    assert "{train,tune,register,predict,evaluate,make-shards}" in result.stderr
+    assert "{train,tune,register,predict,evaluate,make-shards,sync-tracking}" in result.stderr
