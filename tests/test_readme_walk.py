@@ -5,7 +5,8 @@ fresh folder, with the default settings (relative ``sqlite:///mlflow.db``, the s
    yolov9-t with two workers and must end with a model that clearly learned (an untrained one scores ~0).
 2. ``python -m jobs.tune``: the search demo, cut to two short trials by overrides, default tracking URI.
 3. ``python -m jobs.register --run yolov9-demo --name yolov9-det``: the demo's run, verified and registered.
-   ``python -m jobs.evaluate --checkpoint BEST --data data/synthetic`` on the demo's best checkpoint, and
+   ``python -m jobs.evaluate --checkpoint BEST --data data/synthetic --json scores.json`` on the demo's best
+   checkpoint, and
    ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` (on a free port) showing the demo's experiment.
 4. ``python -m jobs.predict --model models:/yolov9-det@champion --source photos --out predictions``.
 5. ``mlflow models serve -m models:/yolov9-det@champion --env-manager local -h 127.0.0.1 -p PORT``.
@@ -119,8 +120,10 @@ def test_fine_tuning_the_demo_scores_in_one_epoch_what_a_fresh_start_does_not(de
 
 def test_evaluate_rescores_the_demos_best_checkpoint(demo, folder):
     best = re.search(r"best checkpoint:\s+(\S+)", demo)[1]
-    command = ["jobs.evaluate", "--checkpoint", best, "--data", "data/synthetic"]
-    scores = json.loads(succeeded(typed(folder, *command, timeout=300)).strip().splitlines()[-1])
+    command = ["jobs.evaluate", "--checkpoint", best, "--data", "data/synthetic", "--json", "scores.json"]
+    table = succeeded(typed(folder, *command, timeout=300))
+    assert "circle" in table and "square" in table  # the per-class rows of the printed table
+    scores = json.loads((folder / "scores.json").read_text())["stats"]
     assert scores["map50_95"] == pytest.approx(load_checkpoint(best).best_map, abs=1e-3)
 
 
