@@ -19,29 +19,31 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def tiny_config(root: Path, shards: Path, name: str, *extra: str):
-    return load_config(
-        None,
-        [
-            "model.name=yolov9-t",
-            f"data.root={shards}",
-            "data.num_workers=0",
-            "data.shuffle_buffer=8",
-            "train.epochs=2",
-            "train.batch_size=2",
-            "train.nominal_batch=4",
-            "train.imgsz=64",
-            "train.warmup_min_steps=2",
-            "train.close_mosaic=1",
-            "train.steps_per_epoch=3",
-            "ray.num_workers=2",
-            "ray.cpus_per_worker=1",
-            f"ray.run_name={name}",
-            f"ray.storage_path={root / 'ray'}",
-            f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
-            "mlflow.experiment=tests",
-            *extra,
-        ],
-    )
+    return load_config(None, tiny_overrides(root, shards, name, *extra))
+
+
+def tiny_overrides(root: Path, shards: Path, name: str, *extra: str) -> list[str]:
+    """A 2-worker run of yolov9-t at 64 px, 2 epochs of 3 steps, in ``root`` (Ray storage, MLflow store)."""
+    return [
+        "model.name=yolov9-t",
+        f"data.root={shards}",
+        "data.num_workers=0",
+        "data.shuffle_buffer=8",
+        "train.epochs=2",
+        "train.batch_size=2",
+        "train.nominal_batch=4",
+        "train.imgsz=64",
+        "train.warmup_min_steps=2",
+        "train.close_mosaic=1",
+        "train.steps_per_epoch=3",
+        "ray.num_workers=2",
+        "ray.cpus_per_worker=1",
+        f"ray.run_name={name}",
+        f"ray.storage_path={root / 'ray'}",
+        f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+        "mlflow.experiment=tests",
+        *extra,
+    ]
 
 
 def fail_once(marker: Path, epoch: int, batch: int, rank: int) -> StepHook:
