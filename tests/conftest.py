@@ -58,9 +58,12 @@ def stop_group(process: subprocess.Popen) -> None:
             os.killpg(process.pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def local_ray():
-    """A local Ray instance for the whole session, shut down by the session that started it."""
+    """A local Ray instance for one test module, shut down when the module ends. Not for the whole session:
+    tests elsewhere start Ray instances of their own (jobs run as typed, `ray start` clusters), and a second
+    local instance started while this one is alive left this one unable to start Ray Train runs (seen in
+    the full suite: the next run hung in its first GCS call, or waiting for resources)."""
     import ray
 
     from pipeline.train import LOCAL_RAY_TRAIN_ENV
