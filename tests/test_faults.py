@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -29,7 +28,6 @@ from pipeline.ema import unwrap
 from pipeline.errors import PipelineError
 from pipeline.train_job import run_training
 from pipeline.training import TrainingData, TrainingDiverged, build_train_state, run_epoch, train_one_epoch
-from pipeline.training.preemption import stop_requested
 from tests.conftest import free_port, start_group, stop_group
 from tests.test_engine import batches, config
 from tests.test_train import tiny_config
@@ -176,52 +174,6 @@ def test_a_nan_batch_on_one_rank_is_skipped_on_every_rank_and_training_goes_on(
 # -- tracking outages --------------------------------------------------------------------------------------
 
 
-@pytest.mark.ray
-@pytest.mark.mlflow
-@pytest.mark.slow
-def test_a_tracking_server_that_goes_away_and_comes_back_gets_every_epoch_once(
-    tmp_path, tiny_shards, local_ray, mlflow_server
-):
-    restart = tmp_path / "restart-now"
-    uri, pgid = mlflow_server.uri, mlflow_server.process.pid
-
-    def outage(state, event) -> None:
-        if state.rank != 0 or event.batch != 0:
-            return
-        if event.epoch == 1:  # down while epoch 2 ends and is reported
-            os.killpg(pgid, signal.SIGINT)
-            assert wait_for(lambda: not healthy(uri), 60)
-        if event.epoch == 2:  # back before epoch 3 ends
-            restart.write_text("now")
-            assert wait_for(lambda: healthy(uri), 120)
-
-    def restarter() -> None:
-        if wait_for(restart.exists, 600):
-            mlflow_server.start()
-
-    thread = threading.Thread(target=restarter, daemon=True)
-    thread.start()
-    cfg = tiny_config(
-        tmp_path,
-        tiny_shards,
-        "outage",
-        "train.epochs=3",
-        "train.steps_per_epoch=2",
-        f"mlflow.tracking_uri={uri}",
-    )
-    summary = run_training(cfg, loop_extras={"step_hooks": [outage]})
-    thread.join(timeout=1)
-
-    assert restart.exists() and summary.unsent_tracking is None
-    for key in ("train/total", "val/map50_95", "train/lr", "train/skipped_steps"):
-        assert steps_of(uri, summary.mlflow_run_id, key) == [1, 2, 3], key
-    client = MlflowClient(uri)
-    assert client.get_run(summary.mlflow_run_id).info.status == "FINISHED"
-    assert {"curves.png", "val_predictions.png"} <= {
-        a.path for a in client.list_artifacts(summary.mlflow_run_id)
-    }
-
-
 @pytest.mark.mlflow
 @pytest.mark.slow
 def test_a_tracking_server_that_never_returns_leaves_a_file_that_sync_tracking_replays(
@@ -286,38 +238,6 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_one_before(tmp_path, ti
     state = load_checkpoint(summary.latest_checkpoint)
     assert state.epoch == 3 and state.step == 6  # epoch 2 trained again from epoch 1's state, then epoch 3
     assert [h["epoch"] for h in state.history] == [1, 2, 3]
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_sigterm_to_a_worker_mid_epoch_checkpoints_and_the_rerun_resumes_at_that_step(
-    tmp_path, tiny_shards, local_ray
-):
-    def sigterm_rank1(state, event) -> None:
-        if (event.epoch, event.batch, state.rank) == (0, 0, 1):
-            os.kill(os.getpid(), signal.SIGTERM)
-            assert wait_for(stop_requested, 10)  # the handler ran; the next step is the last
-
-    first_step = tmp_path / "first-step"
-
-    def record_first_step(state, event) -> None:
-        if state.rank == 0 and not first_step.exists():
-            first_step.write_text(f"{event.epoch} {event.batch}")
-
-    settings = ["train.epochs=1", "train.steps_per_epoch=4", "ray.max_failures=0"]
-    with pytest.raises(Exception, match="SIGTERM"):
-        run_training(
-            tiny_config(tmp_path, tiny_shards, "preempted", *settings),
-            loop_extras={"step_hooks": [sigterm_rank1]},
-        )
-
-    summary = run_training(
-        tiny_config(tmp_path, tiny_shards, "preempted", *settings),
-        loop_extras={"step_hooks": [record_first_step]},
-    )
-    assert first_step.read_text() == "0 2"  # steps 0 and 1 were done before the stop: not trained again
-    state = load_checkpoint(summary.latest_checkpoint)
-    assert state.epoch == 1 and state.step == 4 and [h["epoch"] for h in state.history] == [1]
 
 
 # -- images as people store them ---------------------------------------------------------------------------
