@@ -122,3 +122,16 @@ def wait_until_serving(
             if server.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"server did not come up: {log.read_text()[-2000:]}") from None
             time.sleep(1)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 (sqlite store, served artifacts) a test may stop and restart."""
+    from tests.test_faults import MlflowServer
+
+    server = MlflowServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

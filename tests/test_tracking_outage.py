@@ -18,7 +18,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.train_job import run_training
-from tests.test_faults import MlflowServer, healthy, steps_of, wait_for
+from tests.test_faults import healthy, steps_of, wait_for
 from tests.test_train import tiny_config
 
 BIN = Path(sys.executable).parent
@@ -27,16 +27,6 @@ CPU = torch.device("cpu")
 # The step hooks run in Ray workers, which need not be able to import this test module: send its helpers
 # along by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    server = MlflowServer(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.ray
