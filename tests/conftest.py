@@ -14,6 +14,15 @@ from typing import Any
 
 import pytest
 
+from tests.isolation import (  # noqa: F401 -- hooks: modules using local_ray run in a process of their own
+    pytest_collection_modifyitems,
+    pytest_configure,
+    pytest_runtest_logreport,
+    pytest_runtest_protocol,
+    pytest_sessionfinish,
+    pytest_unconfigure,
+)
+
 TINY_SYNTHETIC = {"num_train": 48, "num_val": 12, "image_size": 128, "seed": 0, "shard_size": 12}
 
 
@@ -61,10 +70,9 @@ def stop_group(process: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A local Ray instance for one test module, shut down when the module ends. Not for the whole session:
-    tests elsewhere start Ray instances of their own (jobs run as typed, `ray start` clusters), and a second
-    local instance started while this one is alive left this one unable to start Ray Train runs (seen in
-    the full suite: the next run hung in its first GCS call, or waiting for resources)."""
+    """A local Ray instance for one test module, shut down when the module ends. A module that uses it runs
+    in a pytest process of its own (`tests/isolation.py`), so no two modules share a driver or an
+    instance."""
     import ray
 
     from pipeline.train import LOCAL_RAY_TRAIN_ENV
@@ -87,11 +95,11 @@ def local_ray():
             )
         yield ray
         if started:
-            # bounded: after some fault-injection runs ray.shutdown() was seen blocking in Ray's disconnect
-            # (joining its GCS listener thread); a stuck teardown must not hold the suite
+            # bounded: after some fault-injection runs ray.shutdown() blocks in Ray's disconnect; the
+            # module's process ends anyway and its parent stops what it leaves (tests/isolation.py)
             stopper = threading.Thread(target=ray.shutdown, daemon=True)
             stopper.start()
-            stopper.join(timeout=60)
+            stopper.join(timeout=15)
 
 
 def val_jpegs(shards: Path, out: Path) -> dict[str, int]:

@@ -55,8 +55,10 @@ def ray_head(tmp_path):
     try:
         deadline = time.time() + 120
         while True:
+            # ready when a job can be submitted: the dashboard answers `ray job list` before the node's
+            # job agent is up ("No available agent to submit job"), seen under load in CI
             probe = subprocess.run(
-                [str(BIN / "ray"), "job", "list", "--address", address],
+                [str(BIN / "ray"), "job", "submit", "--address", address, "--", "true"],
                 env=env,
                 capture_output=True,
                 text=True,
