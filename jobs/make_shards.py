@@ -6,6 +6,10 @@
     python -m jobs.make_shards --format yolo --source datasets/x/train --data-yaml x.yaml --out shards/x
     python -m jobs.make_shards --format voc --source VOC2012 --out shards/voc --workers 8
     python -m jobs.make_shards --format synthetic --out shards/synthetic --split val --num 64 --seed 1
+    python -m jobs.make_shards --format synthetic --out s3://my-bucket/shards/synthetic --split train
+
+Object storage: credentials and endpoint from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_REGION, AWS_ENDPOINT_URL for an S3-compatible store), never from a file of this project.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--source", type=Path, help="image dir (coco), dataset root (voc), images/ + labels/ root (yolo)"
     )
-    parser.add_argument("--out", type=Path, required=True, help="shard directory")
+    parser.add_argument(
+        "--out", required=True, help="shard directory: a local folder or a URL (s3://bucket/prefix, gs://...)"
+    )
     parser.add_argument(
         "--split",
         default="train",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -9,7 +10,9 @@ from typing import Any
 
 import torch
 
+from pipeline import storage
 from pipeline.errors import PipelineError
+from pipeline.storage import Location
 from yolov9 import DetectionModel, build_model
 
 FORMAT = "yolov9-ray/training-checkpoint"
@@ -79,19 +82,22 @@ def save_checkpoint(directory: str | Path, checkpoint: TrainingCheckpoint) -> Pa
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> TrainingCheckpoint:
-    """Load a checkpoint file, or the ``checkpoint.pt`` inside a checkpoint directory.
+def load_checkpoint(path: Location, map_location: str | torch.device = "cpu") -> TrainingCheckpoint:
+    """Load a checkpoint file, or the ``checkpoint.pt`` inside a checkpoint directory, from a local path or
+    a URL (``s3://bucket/runs/yolov9/checkpoint_...``: read into memory, nothing written locally).
 
     Raises CheckpointError naming the file for anything that is not this project's checkpoint:
-    a missing file, a corrupt one, one holding pickled objects, or a foreign dictionary.
+    a missing file, a corrupt one, one holding pickled objects, or a foreign dictionary; StorageError
+    when an object store cannot be reached.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / FILENAME
-    if not path.is_file():
+    path = path if storage.is_url(path) else Path(path)
+    if storage.is_dir(path):
+        path = storage.locate(path, FILENAME)
+    if not storage.is_file(path):
         raise CheckpointError(f"no checkpoint at {path}")
+    source = io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError depending on damage
         raise CheckpointError(
             f"{path} is not a loadable checkpoint (corrupt, or it holds pickled objects that "

@@ -23,6 +23,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from pipeline import storage
+
 META_KEYS = ("image_id", "orig_shape", "ratio", "pad")
 # COCOeval.stats in order: AP@[.5:.95], AP50, AP75, AP small/medium/large, AR@1/10/100, AR small/medium/large
 STATS = (
@@ -77,14 +79,15 @@ class CocoScores:
 
 
 def load_ground_truth(gt_json: str | Path | Mapping) -> GroundTruth:
-    """COCO ground truth from a file or an already-parsed dict, checked for the keys COCOeval reads."""
+    """COCO ground truth from a file (a local path or a URL) or an already-parsed dict, checked for the
+    keys COCOeval reads."""
     if isinstance(gt_json, Mapping):
         dataset = copy.deepcopy(dict(gt_json))
     else:
-        path = Path(gt_json)
-        if not path.is_file():
+        path = gt_json if storage.is_url(gt_json) else Path(gt_json)
+        if not storage.is_file(path):
             raise FileNotFoundError(f"COCO ground-truth file not found: {path}")
-        dataset = json.loads(path.read_text())
+        dataset = json.loads(storage.read_bytes(path))
         if not isinstance(dataset, dict):
             raise ValueError(f"{path}: expected a COCO JSON object, got {type(dataset).__name__}")
     for key in ("images", "annotations", "categories"):

@@ -22,6 +22,7 @@ Ray Train worker).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,9 +31,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline import storage
 from pipeline.checkpoint import CheckpointError, ema_model, load_checkpoint
 from pipeline.config import MLFLOW_URI_SCHEMES
 from pipeline.errors import PipelineError
+from pipeline.storage import StorageError
 from yolov9 import DetectionModel, load_reference_checkpoint
 from yolov9.blocks import Silence
 from yolov9.prune import main_branch_layers
@@ -114,13 +117,21 @@ def sha256_of(path: str | Path) -> str:
 
 def load_source(location: str | Path) -> SourceWeights:
     """Read a starting-weights file: a project checkpoint (file or directory: its EMA weights) or a
-    reference checkpoint file. Raises PretrainedError naming the file when it is neither."""
+    reference checkpoint file, at a local path or a URL (s3://...). Raises PretrainedError naming the file
+    when it is neither."""
     text = str(location)
     if text.startswith(MLFLOW_URI_SCHEMES):
         raise PretrainedError(
             f"model.weights {text} is an MLflow URI: it is resolved to a file on the driver "
             "(pipeline.weights_source.resolve_weights) before the workers start"
         )
+    if storage.is_url(text):
+        # each worker reads the file itself: downloaded to a temporary folder, named by its URL
+        try:
+            with storage.local_copy(text) as local:
+                return dataclasses.replace(load_source(local), path=text)
+        except StorageError as e:
+            raise PretrainedError(f"model.weights: {e}") from e
     path = Path(text)
     if not path.exists():
         raise PretrainedError(f"model.weights: no file or checkpoint directory at {path}")

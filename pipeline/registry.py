@@ -25,7 +25,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline import names, serving
+from pipeline import names, serving, storage
 from pipeline.checkpoint import CheckpointError, TrainingCheckpoint, ema_model, load_checkpoint
 from pipeline.data import DataError, Manifest, read_manifest
 from pipeline.data.loader import make_val_loader
@@ -41,6 +41,7 @@ from pipeline.serving import (
     ModelSpec,
     encode_jpeg,
 )
+from pipeline.storage import Location
 from pipeline.tracking import check_tracking_uri, experiment_id
 from pipeline.validate import evaluate_distributed
 from yolov9 import DetectionModel, prune
@@ -64,9 +65,10 @@ class RegistrationError(PipelineError, RuntimeError):
 
 @dataclass(frozen=True)
 class CheckpointSource:
-    """Where a checkpoint came from: its directory and, when known, the MLflow run that produced it."""
+    """Where a checkpoint came from: its directory (a local Path or a URL) and, when known, the MLflow run
+    that produced it."""
 
-    checkpoint: Path
+    checkpoint: Location
     run_id: str | None = None
     experiment_id: str | None = None
     ray_job_id: str | None = None
@@ -115,8 +117,8 @@ def resolve_source(source: str | Path, client: MlflowClient) -> CheckpointSource
     run points at the best trial's checkpoint) -> CheckpointSource. RegistrationError when it is none of
     these."""
     text = str(source)
-    if Path(text).exists():
-        return CheckpointSource(checkpoint=Path(text))
+    if storage.is_url(text) or Path(text).exists():
+        return CheckpointSource(checkpoint=storage.locate(text))
     if _RUN_ID.match(text):
         try:
             run = client.get_run(text)
@@ -150,7 +152,7 @@ def _source_of_run(run: Any) -> CheckpointSource:
             f"run {run.info.run_id} has no '{names.BEST_CHECKPOINT_TAG}' tag: did its training finish?"
         )
     return CheckpointSource(
-        checkpoint=Path(path),
+        checkpoint=storage.locate(path),
         run_id=run.info.run_id,
         experiment_id=run.info.experiment_id,
         ray_job_id=run.data.tags.get(names.RAY_JOB_TAG),
@@ -250,9 +252,10 @@ def decide_promotion(
     )
 
 
-def _val_setup(state: TrainingCheckpoint, data_root: str | Path | None) -> tuple[Manifest, Path, int]:
-    """The val manifest the checkpoint was validated on, its root, and the training image size (pixels)."""
-    root = Path(data_root or state.config["data"]["root"])
+def _val_setup(state: TrainingCheckpoint, data_root: Location | None) -> tuple[Manifest, Location, int]:
+    """The val manifest the checkpoint was validated on, its root (a local Path or a URL), and the training
+    image size (pixels)."""
+    root = storage.locate(data_root or state.config["data"]["root"])
     try:
         manifest = read_manifest(manifest_path(root, "val"))
     except (DataError, OSError) as e:
@@ -453,7 +456,7 @@ def register_reference(
         )
     if imgsz < 32 or imgsz % 32:
         raise RegistrationError(f"imgsz must be a positive multiple of 32, got {imgsz}")
-    root = Path(data_root)
+    root = storage.locate(data_root)
     try:
         manifest = read_manifest(manifest_path(root, "val"))
     except (DataError, OSError) as e:

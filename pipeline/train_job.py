@@ -14,7 +14,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline import names
+from pipeline import names, storage
 from pipeline.checkpoint import RunCheckpoints, TrainingCheckpoint, ema_model, load_checkpoint
 from pipeline.config import Config
 from pipeline.data import DataError, Manifest, read_manifest
@@ -58,9 +58,9 @@ class TrainingSummary:
 def prepare_data(cfg: Config) -> tuple[Manifest, Manifest]:
     """The train and val manifests of ``data.root``; the synthetic set is generated there first when
     the config asks for it and the root holds none yet. Missing or broken data is a DataError."""
-    root = Path(cfg.data.root)
+    root = cfg.data.root
     s = cfg.data.synthetic
-    if s is not None and not manifest_path(root, "train").exists():
+    if s is not None and not storage.exists(manifest_path(root, "train")):
         log.info(
             "generating the synthetic set (%d train, %d val images) in %s ...", s.num_train, s.num_val, root
         )
@@ -73,8 +73,9 @@ def prepare_data(cfg: Config) -> tuple[Manifest, Manifest]:
             shard_size=s.shard_size,
             overwrite=True,
         )
-    train, val = read_manifest(manifest_path(root, "train")), read_manifest(manifest_path(root, "val"))
-    if not coco_json_path(root, "val").is_file():
+    train = read_manifest(manifest_path(root, "train"), cfg.data.allow_pipe)
+    val = read_manifest(manifest_path(root, "val"), cfg.data.allow_pipe)
+    if not storage.is_file(coco_json_path(root, "val")):
         raise DataError(
             f"{coco_json_path(root, 'val')} is missing: write the val split with jobs.make_shards"
         )
@@ -206,12 +207,16 @@ def _fit_on_ray(
         with checkpoint.as_directory() as d:
             return load_checkpoint(d)
 
+    def location(checkpoint: Any) -> str | None:
+        # Ray's path is within its file system ("bucket/run/checkpoint_..." on S3): make it a URL again
+        return None if checkpoint is None else storage.url_of(checkpoint.filesystem, checkpoint.path)
+
     latest_state = load(latest)
     same = best is None or (latest is not None and best.path == latest.path)
     return RunCheckpoints(
-        latest_path=latest.path if latest is not None else None,
+        latest_path=location(latest),
         latest=latest_state,
-        best_path=best.path if best is not None else None,
+        best_path=location(best),
         best=latest_state if same else load(best),
     )
 

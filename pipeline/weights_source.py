@@ -1,11 +1,12 @@
-"""``model.weights`` on the driver: MLflow URIs resolved to a local file, the transfer recorded on the run.
+"""``model.weights`` on the driver: MLflow URIs resolved to a file location, the transfer recorded on the run.
 
 Every worker reads the starting weights itself (:func:`pipeline.pretrained.load_initial_weights`), so
-the driver hands them a plain path: ``runs:/<run id>`` (or ``runs:/<run id>/best_checkpoint``) is that
-training run's ``best_checkpoint``; ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` is the file
-the registered version was made from (its ``checkpoint`` tag: the registry keeps only the pruned, fused
-network, which cannot be trained further). The driver computes the transfer once and records it on the
-MLflow run: counts as params, the source and its sha256 as lineage tags.
+the driver hands them a plain path or an object-store URL (each worker downloads it): ``runs:/<run id>``
+(or ``runs:/<run id>/best_checkpoint``) is that training run's ``best_checkpoint``;
+``models:/<name>@<alias>`` or ``models:/<name>/<version>`` is the file the registered version was made
+from (its ``checkpoint`` tag: the registry keeps only the pruned, fused network, which cannot be trained
+further). The driver computes the transfer once and records it on the MLflow run: counts as params, the
+source and its sha256 as lineage tags.
 """
 
 from __future__ import annotations
@@ -17,19 +18,20 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline import names
+from pipeline import names, storage
 from pipeline.config import Config
 from pipeline.pretrained import PretrainedError, load_source, sha256_of, transfer
+from pipeline.storage import StorageError
 from yolov9 import build_model
 
 log = logging.getLogger(__name__)
 
 
 def resolve_weights(given: str, tracking_uri: str) -> str:
-    """``model.weights`` -> the local path of the file or checkpoint directory that holds the weights.
+    """``model.weights`` -> the location of the file or checkpoint directory that holds the weights.
 
-    Local paths are returned as given (made absolute by the config); MLflow URIs are looked up in the
-    store at ``tracking_uri``. Raises PretrainedError naming the URI for anything it cannot resolve.
+    Local paths and object-store URLs (checked to exist) are returned as given; MLflow URIs are looked up
+    in the store at ``tracking_uri``. Raises PretrainedError naming the URI for anything it cannot resolve.
     """
     if given.startswith("runs:/"):
         path = _run_checkpoint(given, MlflowClient(tracking_uri))
@@ -37,11 +39,15 @@ def resolve_weights(given: str, tracking_uri: str) -> str:
         path = _registered_source(given, MlflowClient(tracking_uri))
     else:
         path = given
-    if "://" in path:
-        raise PretrainedError(
-            f"model.weights {given} points at {path}: starting weights are read from a local or shared "
-            "file system; copy the checkpoint there and give its path"
-        )
+    if storage.is_url(path):
+        try:
+            found = storage.exists(path)
+        except StorageError as e:
+            raise PretrainedError(f"model.weights: {e}") from e
+        if not found:
+            where = "" if path == given else f" ({given} points there)"
+            raise PretrainedError(f"model.weights: nothing at {path}{where}")
+        return path
     if not Path(path).exists():
         where = "" if path == given else f" ({given} points there)"
         raise PretrainedError(f"model.weights: no file or checkpoint directory at {path}{where}")

@@ -1,22 +1,27 @@
 """The manifest that describes one split of WebDataset shards, and its reader.
 
-Layout of a shard directory ``DIR``::
+Layout of a shard directory ``DIR`` (a local folder or an object-store prefix such as ``s3://b/coco``)::
 
     DIR/<split>-000000.tar ...     samples <key>.jpg + <key>.json, key = 9-digit index within the split
     DIR/<split>-manifest.json      this module's Manifest
     DIR/val-coco.json              COCO ground truth of the stored val images (split "val" only)
+
+Shard names in a manifest resolve relative to the manifest's own location, so a shard directory can be
+copied anywhere (another folder, a bucket) as it is. A ``pipe:`` name runs a shell command to read the
+shard: a manifest is data, so such names are refused unless the reader allows them (``data.allow_pipe``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import storage
 from pipeline.errors import PipelineError
+from pipeline.storage import Location
 
 FORMAT = "yolov9-ray-shards/1"
 REQUIRED_KEYS = ("format", "split", "class_names", "shards", "source", "settings")
@@ -39,9 +44,9 @@ class ShardInfo:
 
 @dataclass(frozen=True)
 class Manifest:
-    """A split's shards as listed by ``<split>-manifest.json`` at ``path``."""
+    """A split's shards as listed by ``<split>-manifest.json`` at ``path`` (a local Path or a URL)."""
 
-    path: Path
+    path: Location
     split: str
     class_names: list[str]
     shards: list[ShardInfo]
@@ -62,8 +67,10 @@ class Manifest:
 
     @property
     def shard_urls(self) -> list[str]:
-        """Absolute local paths; names that carry a URL scheme (s3://, pipe:...) are passed through."""
-        return [s.name if is_url(s.name) else str((self.path.parent / s.name).resolve()) for s in self.shards]
+        """Shard locations: names relative to the manifest's folder joined to it (absolute local paths, or
+        URLs beside a remote manifest); names that carry a scheme (s3://, pipe:...) are passed through."""
+        folder = storage.parent(self.path)
+        return [s.name if is_url(s.name) else str(storage.locate(folder, s.name)) for s in self.shards]
 
     @property
     def manifest_hash(self) -> str:
@@ -81,27 +88,26 @@ class Manifest:
 
 
 def is_url(name: str) -> bool:
-    """True for shard names that webdataset opens itself (``s3://b/x.tar``, ``pipe:cmd``), not paths."""
+    """True for shard names that are locations of their own (``s3://b/x.tar``, ``pipe:cmd``), not names
+    relative to the manifest."""
     return "://" in name or name.startswith("pipe:")
 
 
-def manifest_path(root: str | Path, split: str) -> Path:
-    return Path(root) / f"{split}-manifest.json"
+def manifest_path(root: Location, split: str) -> Location:
+    return storage.locate(root, f"{split}-manifest.json")
 
 
-def coco_json_path(root: str | Path, split: str) -> Path:
-    return Path(root) / f"{split}-coco.json"
+def coco_json_path(root: Location, split: str) -> Location:
+    return storage.locate(root, f"{split}-coco.json")
 
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON via a temporary file and ``os.replace`` so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
+def write_json_atomic(path: Location, payload: dict[str, Any]) -> None:
+    """Write JSON to a local path or a URL so that a reader never sees half a file."""
+    storage.write_bytes(path, (json.dumps(payload, indent=1) + "\n").encode())
 
 
 def write_manifest(manifest: Manifest, report: dict[str, Any]) -> None:
@@ -120,12 +126,13 @@ def write_manifest(manifest: Manifest, report: dict[str, Any]) -> None:
     write_json_atomic(manifest.path, payload)
 
 
-def load_json_object(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object read from ``path``; DataError naming the file (and ``what`` it is) otherwise."""
-    if not path.is_file():
+def load_json_object(path: Location, what: str) -> dict[str, Any]:
+    """A JSON object read from ``path`` (a local path or a URL); DataError naming the file (and ``what``
+    it is) otherwise. StorageError when an object store cannot be reached."""
+    if not storage.is_file(path):
         raise DataError(f"{path}: {what} not found")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(storage.read_bytes(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(data, dict):
@@ -133,13 +140,14 @@ def load_json_object(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def read_manifest(path: str | Path) -> Manifest:
-    """Read and check ``<split>-manifest.json``.
+def read_manifest(path: Location, allow_pipe: bool = False) -> Manifest:
+    """Read and check ``<split>-manifest.json`` at a local path or a URL.
 
     Raises DataError naming the file for a missing file, bad JSON, a foreign format marker, missing or
-    mistyped keys, totals that disagree with the shard list, or a listed local shard that does not exist.
+    mistyped keys, totals that disagree with the shard list, a listed local shard that does not exist, or
+    (unless ``allow_pipe``) a ``pipe:`` shard name, which would run a shell command.
     """
-    path = Path(path)
+    path = path if storage.is_url(path) else Path(str(path).removeprefix("file://"))
     data = load_json_object(path, "manifest file")
     if data.get("format") != FORMAT:
         raise DataError(f"{path}: format marker is {data.get('format')!r}, expected {FORMAT!r}")
@@ -154,8 +162,14 @@ def read_manifest(path: str | Path) -> Manifest:
     if not isinstance(data["shards"], list) or not data["shards"]:
         raise DataError(f"{path}: shards must be a non-empty list")
     shards = [_shard_info(path, i, s) for i, s in enumerate(data["shards"])]
+    piped = [s.name for s in shards if s.name.startswith("pipe:")]
+    if piped and not allow_pipe:
+        raise DataError(
+            f"{path}: shard {piped[0]!r} is a pipe: URL, which runs a shell command; refused unless "
+            "data.allow_pipe: true (set it only for manifests you wrote yourself)"
+        )
     manifest = Manifest(
-        path=path.resolve(),
+        path=path if isinstance(path, str) else path.resolve(),
         split=str(data["split"]),
         class_names=names,
         shards=shards,
@@ -165,13 +179,14 @@ def read_manifest(path: str | Path) -> Manifest:
     for key in ("num_samples", "num_boxes"):
         if key in data and data[key] != getattr(manifest, key):
             raise DataError(f"{path}: {key} is {data[key]} but the shards add up to {getattr(manifest, key)}")
+    # Remote shards are not asked for one by one here: a missing one counts as a shard error when read.
     for shard, url in zip(shards, manifest.shard_urls, strict=True):
-        if not is_url(shard.name) and not Path(url).is_file():
+        if not is_url(shard.name) and not storage.is_url(url) and not Path(url).is_file():
             raise DataError(f"{path}: listed shard {shard.name} does not exist ({url})")
     return manifest
 
 
-def _shard_info(path: Path, index: int, entry: Any) -> ShardInfo:
+def _shard_info(path: Location, index: int, entry: Any) -> ShardInfo:
     if not isinstance(entry, dict) or any(k not in entry for k in SHARD_KEYS):
         raise DataError(f"{path}: shards[{index}] must be an object with keys {list(SHARD_KEYS)}")
     if not isinstance(entry["name"], str) or not isinstance(entry["sha256"], str):

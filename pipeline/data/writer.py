@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from pipeline import storage
 from pipeline.data.manifest import (
     DataError,
     Manifest,
@@ -37,6 +38,7 @@ from pipeline.data.manifest import (
     write_manifest,
 )
 from pipeline.data.readers import Record, Report, SourceGroundTruth
+from pipeline.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -159,24 +161,25 @@ def check_boxes(
     return np.array(keep_boxes, np.float32).reshape(-1, 4), np.array(keep_classes, np.int64), problems
 
 
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> str:
-    """Write ``members`` (name, bytes) sorted by name into a deterministic tar; returns its sha256 hex."""
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+def write_tar(path: Location, members: list[tuple[str, bytes]]) -> str:
+    """Write ``members`` (name, bytes) sorted by name into a deterministic tar at a local path or a URL;
+    returns its sha256 hex. The tar is built in memory (one shard: ``shard_size`` samples) so that an
+    object store receives it in one upload."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, payload in sorted(members):
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode = len(payload), 0, 0o644
             tar.addfile(info, io.BytesIO(payload))
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    data = buffer.getvalue()
+    storage.write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def write_shards(
     records: Iterable[Record],
     class_names: list[str],
-    out_dir: str | Path,
+    out_dir: Location,
     split: str,
     shard_size: int = 1000,
     max_side: int | None = None,
@@ -186,7 +189,8 @@ def write_shards(
     report: Report | None = None,
     ground_truth: SourceGroundTruth | None = None,
 ) -> Manifest:
-    """Check ``records``, write ``out_dir/<split>-NNNNNN.tar`` shards of ``shard_size`` samples, then the
+    """Check ``records``, write ``out_dir/<split>-NNNNNN.tar`` shards of ``shard_size`` samples (``out_dir``:
+    a local folder or a URL such as ``s3://bucket/prefix``), then the
     manifest (atomically, last) and, for split "val", ``val-coco.json``: the ground truth the split is
     scored on, at the ORIGINAL resolution whatever ``max_side`` does (``val_ground_truth``).
 
@@ -199,8 +203,9 @@ def write_shards(
     already holds this split (unless ``overwrite``), bad settings, or when no valid sample remains.
     """
     _check_settings(class_names, split, shard_size, max_side, workers)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not storage.is_url(out_dir):
+        out_dir = Path(out_dir)
+    storage.make_dirs(out_dir)
     _clear_output(out_dir, split, overwrite)
     report = report if report is not None else Report()
     total = len(records) if hasattr(records, "__len__") else None
@@ -249,7 +254,7 @@ def write_shards(
         "key_digits": KEY_DIGITS,
     }
     manifest = Manifest(
-        path=manifest_path(out_dir, split).resolve(),
+        path=_resolved(manifest_path(out_dir, split)),
         split=split,
         class_names=list(class_names),
         shards=shards,
@@ -275,22 +280,26 @@ def _check_settings(
         raise DataError(f"workers must be >= 1, got {workers}")
 
 
-def _clear_output(out_dir: Path, split: str, overwrite: bool) -> None:
+def _resolved(location: Location) -> Location:
+    return location if storage.is_url(location) else Path(location).resolve()
+
+
+def _clear_output(out_dir: Location, split: str, overwrite: bool) -> None:
     """Refuse to mix with an earlier write of ``split``; with ``overwrite``, remove it (manifest first, so
     an interrupted rewrite never leaves a manifest that lists stale shards)."""
     shard_re = re.compile(rf"{split}-\d{{6}}\.tar")
-    shards = sorted(p for p in out_dir.iterdir() if shard_re.fullmatch(p.name))
-    meta = [p for p in (manifest_path(out_dir, split), coco_json_path(out_dir, split)) if p.exists()]
-    existing = meta + shards
+    present = storage.list_names(out_dir)
+    meta = [n for n in (f"{split}-manifest.json", f"{split}-coco.json") if n in present]
+    existing = meta + [n for n in present if shard_re.fullmatch(n)]
     if not existing:
         return
     if not overwrite:
-        names = ", ".join(p.name for p in existing[:3]) + (", ..." if len(existing) > 3 else "")
+        names = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
         raise DataError(
             f"{out_dir} already holds split {split!r} ({names}); pass overwrite=True (--overwrite)"
         )
-    for path in existing:
-        path.unlink()
+    for name in existing:
+        storage.delete(storage.locate(out_dir, name))
 
 
 def _map_in_order(
@@ -363,7 +372,9 @@ class _ValGroundTruth:
         return {"images": self.images, "annotations": self.annotations, "categories": self.categories}
 
 
-def _flush(out_dir: Path, split: str, index: int, members: list[tuple[str, bytes]], boxes: int) -> ShardInfo:
+def _flush(
+    out_dir: Location, split: str, index: int, members: list[tuple[str, bytes]], boxes: int
+) -> ShardInfo:
     name = shard_name(split, index)
-    sha256 = write_tar(out_dir / name, members)
+    sha256 = write_tar(storage.locate(out_dir, name), members)
     return ShardInfo(name=name, samples=len(members) // 2, boxes=boxes, sha256=sha256)

@@ -35,10 +35,11 @@ class TrainingData:
     val_coco_json: str
 
     @classmethod
-    def read(cls, root: str) -> TrainingData:
+    def read(cls, root: str, allow_pipe: bool = False) -> TrainingData:
+        """The splits at ``root`` (a local folder or a URL); ``allow_pipe``: ``data.allow_pipe``."""
         return cls(
-            read_manifest(manifest_path(root, "train")),
-            read_manifest(manifest_path(root, "val")),
+            read_manifest(manifest_path(root, "train"), allow_pipe),
+            read_manifest(manifest_path(root, "val"), allow_pipe),
             str(coco_json_path(root, "val")),
         )
 
