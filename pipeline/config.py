@@ -94,6 +94,8 @@ class TrainConfig:
     progress_every_s: float = 30.0  # a progress line every N seconds within an epoch (0: none)
     max_bad_steps: int = 20  # this many skipped (non-finite) steps in a row stop the run
     tracking_patience_s: float = 300.0  # how long the end of a run waits for an unreachable MLflow server
+    # PGI gradient diagnostics (pipeline/pgi.py) after every N-th epoch, on one fixed batch; 0: off
+    pgi_diagnostics_every: int = 0
 
 
 @dataclass
@@ -244,6 +246,7 @@ def _check_values(cfg: Config, where: str) -> None:
         (t.progress_every_s >= 0, "train.progress_every_s", "must be >= 0"),
         (t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1"),
         (t.tracking_patience_s >= 0, "train.tracking_patience_s", "must be >= 0"),
+        (t.pgi_diagnostics_every >= 0, "train.pgi_diagnostics_every", "must be >= 0 (0: off)"),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1"),
         (t.steps_per_epoch is None or t.steps_per_epoch >= 1, "train.steps_per_epoch", "must be >= 1"),
         (d.num_workers >= 0, "data.num_workers", "must be >= 0"),

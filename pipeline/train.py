@@ -84,7 +84,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, str] | None:
     context = ray.train.get_context()
     state = build_train_state(
         cfg,
-        TrainingData.read(cfg.data.root),
+        TrainingData.read(cfg.data.root, cfg.data.allow_pipe),
         ray.train.torch.get_device(),
         rank=context.get_world_rank(),
         world=context.get_world_size(),
@@ -244,7 +244,7 @@ class MlflowEpochLogger(ray.train.UserCallback):
         records = [epoch_record(self.run_id, metrics)]
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
-                pictures = [Path(d) / CURVES_PNG, Path(d) / names.PREDICTIONS_PNG]
+                pictures = [Path(d) / CURVES_PNG, Path(d) / names.PREDICTIONS_PNG, Path(d) / names.PGI_PNG]
                 records += [artifact_record(self.run_id, p) for p in pictures if p.is_file()]
         if self._outbox is None:
             self._outbox = TrackingOutbox(self.tracking_uri)

@@ -11,6 +11,7 @@ import torch
 
 from pipeline import names
 from pipeline.data.loader import make_val_loader
+from pipeline.pgi import plot_pgi
 from pipeline.plots import plot_curves
 from pipeline.training.state import TrainState
 from pipeline.validate import render_predictions
@@ -20,9 +21,12 @@ GRID_IMAGES = 8
 
 
 def write_epoch_artifacts(state: TrainState, directory: str | Path) -> list[Path]:
-    """``curves.png`` and the prediction grid in ``directory``; their paths. Call on rank 0 only."""
+    """``curves.png``, the PGI diagnostics plot (when the run has them) and the prediction grid in
+    ``directory``; their paths. Call on rank 0 only."""
     directory = Path(directory)
     written = [plot_curves(state.history, directory / CURVES_PNG)] if state.history else []
+    if any(k.startswith(names.PGI_PREFIX) for h in state.history for k in h):
+        written.append(plot_pgi(state.history, directory / names.PGI_PNG))
     loader = make_val_loader(
         state.data.val,
         batch_size=GRID_IMAGES,

@@ -17,6 +17,7 @@ from torch import nn
 
 from pipeline import names
 from pipeline.data.loader import make_train_loader, make_val_loader
+from pipeline.pgi import pgi_diagnostics
 from pipeline.training.preemption import StopRequested
 from pipeline.training.state import TrainState
 from pipeline.training.step import BadStepGuard, StepHook, train_one_epoch
@@ -91,6 +92,9 @@ def run_epoch(
     elif state.history and names.MAP in state.history[-1]:
         metrics[names.MAP] = state.history[-1][names.MAP]
         metrics[names.MAP50] = state.history[-1][names.MAP50]
+    every = cfg.train.pgi_diagnostics_every
+    if every and state.epoch % every == 0:
+        metrics.update(pgi_diagnostics(state))  # every rank runs it (see there); rank 0's are reported
     metrics[names.EPOCH] = state.epoch
     state.best_map = max(state.best_map, metrics.get(names.MAP, 0.0))
     metrics[names.BEST_MAP] = state.best_map
