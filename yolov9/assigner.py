@@ -6,9 +6,10 @@ Each GT takes its ``topk`` best candidates; an anchor taken by several GTs goes 
 overlaps most (CIoU). The class target of a positive anchor is soft: ``t`` rescaled per GT so that
 the GT's best anchor gets the GT's best CIoU.
 
-The work is done on the sparse list of (GT, anchor-inside-GT) pairs rather than on dense
-``(batch, max GTs, anchors)`` tensors: CIoU, the top-k and the conflict resolution only touch pairs
-that can be positive, which is what keeps the step cheap when images hold many boxes.
+The work is done on ``(GTs, anchors)`` tensors (the flat GT list of the batch, each GT against the
+anchors of its own image) and on the ``(GTs, topk)`` candidates: every size follows from the input
+shapes, so the assignment never reads a data-dependent size back from the device (no ``nonzero``,
+no boolean-mask indexing, no ``.item()``); on a GPU the step keeps queueing work while it runs.
 """
 
 from __future__ import annotations
@@ -22,47 +23,27 @@ from yolov9.boxes import box_ciou
 
 @dataclass
 class Assignment:
-    """Targets for one branch. ``B`` images, ``A`` anchors, ``C`` classes.
+    """Targets for one branch. ``B`` images, ``A`` anchors, ``C`` classes, ``M`` GTs, ``K`` top-k.
 
     fg_mask: ``(B, A)`` bool, positive anchors.
     target_gt: ``(B, A)`` long, index into the flat GT list of each positive anchor (0 elsewhere).
     target_boxes: ``(B, A, 4)`` xyxy in input pixels (zeros on background anchors).
     target_scores: ``(B, A, C)`` soft class targets (zeros on background anchors).
+    pair_image, pair_anchor, pair_gt: ``(M * K,)`` long, every GT's top-k candidate anchors: a list whose
+        length is known from the shapes alone, so the loss gathers positives without a host sync.
+    pair_weight: ``(M * K,)`` the soft class target of each pair that won its anchor, 0 for the others
+        (candidates outside the GT, or that lost the anchor to another GT): every positive anchor appears
+        exactly once with a weight > 0 or as a won pair of weight 0 (its alignment metric was 0).
     """
 
     fg_mask: torch.Tensor
     target_gt: torch.Tensor
     target_boxes: torch.Tensor
     target_scores: torch.Tensor
-
-
-def _rank_within_groups(group: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Order that sorts pairs by ``group`` ascending then ``score`` descending, and each pair's rank
-    (0 = best) inside its group, in that order."""
-    by_score = torch.argsort(score, descending=True, stable=True)
-    order = by_score[torch.argsort(group[by_score], stable=True)]
-    g = group[order]
-    is_start = torch.ones_like(g, dtype=torch.bool)
-    is_start[1:] = g[1:] != g[:-1]
-    positions = torch.arange(len(g), device=g.device)
-    start_of = torch.cummax(torch.where(is_start, positions, 0), 0).values
-    return order, positions - start_of
-
-
-def _topk_per_group(group: torch.Tensor, score: torch.Tensor, num_groups: int, k: int) -> torch.Tensor:
-    """Indices of the ``k`` best-scoring pairs of every group; ``group`` must be sorted ascending.
-
-    Scores go into a padded ``(groups, largest group)`` matrix, so one ``topk`` replaces a sort of
-    all pairs (there are often hundreds of candidate anchors per GT)."""
-    counts = torch.bincount(group, minlength=num_groups)
-    starts = torch.cumsum(counts, 0) - counts
-    position = torch.arange(len(group), device=group.device) - starts[group]
-    width = int(counts.max())
-    padded = score.new_full((num_groups, width), -1.0)
-    padded[group, position] = score
-    best = padded.topk(min(k, width), dim=1).indices
-    valid = best < counts[:, None]
-    return (starts[:, None] + best)[valid]
+    pair_image: torch.Tensor
+    pair_anchor: torch.Tensor
+    pair_gt: torch.Tensor
+    pair_weight: torch.Tensor
 
 
 class TaskAlignedAssigner:
@@ -104,54 +85,74 @@ class TaskAlignedAssigner:
             gt_boxes: ``(M, 4)`` xyxy input pixels.
         """
         b, a, c = pd_scores.shape
+        m, k = len(gt_boxes), min(self.topk, a)
         dev = pd_scores.device
-        fg = torch.zeros(b, a, dtype=torch.bool, device=dev)
-        target_gt = torch.zeros(b, a, dtype=torch.long, device=dev)
-        target_boxes = torch.zeros(b, a, 4, dtype=pd_boxes.dtype, device=dev)
+        gt_image, gt_labels = gt_image.long(), gt_labels.long()
+        # Every tensor below has a size known from the shapes: no nonzero(), no masked indexing, so
+        # nothing waits for the device. Writes of pairs that are not positive go to one extra slot past
+        # the end of each flat target buffer, which is cut off at the end.
+        iou = box_ciou(gt_boxes[:, None, :], pd_boxes[gt_image]).clamp_(0)  # (M, A)
+        score = pd_scores[gt_image, :, gt_labels].float()  # (M, A)
+        if logits:
+            score = score.sigmoid()
+        inside = self._inside(anchors, gt_boxes)
+        metric = torch.where(inside, score.pow(self.alpha) * iou.pow(self.beta), -1.0)
+
+        pair_metric, pair_anchor = metric.topk(k, dim=1)  # (M, K): candidates outside the GT score -1
+        valid = inside.gather(1, pair_anchor)
+        pair_iou = iou.gather(1, pair_anchor)
+        pair_gt = torch.arange(m, device=dev)[:, None].expand(m, k)
+        pair_image = gt_image[:, None].expand(m, k)
+        dropped = b * a
+        flat = torch.where(valid, pair_image * a + pair_anchor, dropped)
+
+        # an anchor taken by several GTs goes to the highest CIoU, a tie to the lowest GT index
+        best_iou_at = torch.full((b * a + 1,), -1.0, device=dev)
+        best_iou_at.scatter_reduce_(
+            0, flat.reshape(-1), torch.where(valid, pair_iou, -1.0).reshape(-1), "amax"
+        )
+        contender = valid & (pair_iou == best_iou_at[flat])
+        first_gt_at = torch.full((b * a + 1,), m, dtype=torch.long, device=dev)
+        first_gt_at.scatter_reduce_(
+            0, flat.reshape(-1), torch.where(contender, pair_gt, m).reshape(-1), "amin"
+        )
+        won = contender & (pair_gt == first_gt_at[flat])
+
+        best_metric = torch.where(won, pair_metric, 0.0).amax(1, keepdim=True)
+        best_iou = torch.where(won, pair_iou, 0.0).amax(1, keepdim=True)
+        soft = torch.where(won, pair_metric * best_iou / (best_metric + self.eps), 0.0)
+
+        slot = torch.where(won, flat, dropped).reshape(-1)
+        fg = torch.zeros(b * a + 1, dtype=torch.bool, device=dev)
+        fg[slot] = True
+        target_gt = torch.zeros(b * a + 1, dtype=torch.long, device=dev)
+        target_gt[slot] = pair_gt.reshape(-1)
+        target_boxes = torch.zeros(b * a + 1, 4, dtype=pd_boxes.dtype, device=dev)
+        target_boxes[slot] = gt_boxes[pair_gt.reshape(-1)].to(target_boxes.dtype)
         # Class-major storage, so that the loss can compare it with class-major logits without a copy.
-        target_scores = torch.zeros(b, c, a, dtype=pd_scores.dtype, device=dev)
-        pair_gt, pair_anchor = self._inside_pairs(anchors, gt_boxes)
-        if len(pair_gt):
-            gt_image, gt_labels = gt_image.long(), gt_labels.long()
-            pair_image, pair_cls = gt_image[pair_gt], gt_labels[pair_gt]
-            iou = box_ciou(gt_boxes[pair_gt], pd_boxes[pair_image, pair_anchor]).clamp_(0)
-            score = pd_scores[pair_image, pair_anchor, pair_cls].float()
-            if logits:
-                score = score.sigmoid()
-            metric = score.pow(self.alpha) * iou.pow(self.beta)
+        target_scores = torch.zeros(b * c * a + 1, dtype=pd_scores.dtype, device=dev)
+        class_slot = torch.where(won, (pair_image * c + gt_labels[:, None]) * a + pair_anchor, b * c * a)
+        target_scores[class_slot.reshape(-1)] = soft.reshape(-1).to(target_scores.dtype)
+        return Assignment(
+            fg[:-1].view(b, a),
+            target_gt[:-1].view(b, a),
+            target_boxes[:-1].view(b, a, 4),
+            target_scores[:-1].view(b, c, a).transpose(1, 2),
+            pair_image.reshape(-1),
+            pair_anchor.reshape(-1),
+            pair_gt.reshape(-1),
+            soft.reshape(-1),
+        )
 
-            keep = _topk_per_group(pair_gt, metric, len(gt_boxes), self.topk)
-            pair_gt, iou, metric = pair_gt[keep], iou[keep], metric[keep]
-            flat = gt_image[pair_gt] * a + pair_anchor[keep]
-
-            order, rank = _rank_within_groups(flat, iou)
-            won = order[rank == 0]
-            pair_gt, flat, iou, metric = pair_gt[won], flat[won], iou[won], metric[won]
-
-            m = len(gt_boxes)
-            best_metric = metric.new_zeros(m).scatter_reduce_(0, pair_gt, metric, "amax")
-            best_iou = iou.new_zeros(m).scatter_reduce_(0, pair_gt, iou, "amax")
-            soft = metric * best_iou[pair_gt] / (best_metric[pair_gt] + self.eps)
-
-            image, anchor = flat // a, flat % a
-            fg[image, anchor] = True
-            target_gt[image, anchor] = pair_gt
-            target_boxes[image, anchor] = gt_boxes[pair_gt].to(target_boxes.dtype)
-            target_scores[image, gt_labels[pair_gt], anchor] = soft.to(target_scores.dtype)
-        return Assignment(fg, target_gt, target_boxes, target_scores.transpose(1, 2))
-
-    def _inside_pairs(
-        self, anchors: torch.Tensor, gt_boxes: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(GT index, anchor index) of every anchor centre strictly inside a GT box."""
+    def _inside(self, anchors: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
+        """``(M, A)`` bool: anchor centre strictly inside the GT box."""
         x, y = anchors[:, 0], anchors[:, 1]
-        inside = (
+        return (
             (x > gt_boxes[:, 0:1] + self.eps)
             & (y > gt_boxes[:, 1:2] + self.eps)
             & (x < gt_boxes[:, 2:3] - self.eps)
             & (y < gt_boxes[:, 3:4] - self.eps)
         )
-        return inside.nonzero(as_tuple=True)
 
     def __call__(
         self,

@@ -62,9 +62,11 @@ class _BranchSums:
 
 
 def _check_targets(targets: torch.Tensor, batch: int, num_classes: int) -> None:
+    """Shape always; values when ``targets`` are on the CPU (as a loader gives them, before the copy):
+    on a GPU each of these checks would stall the step until the device caught up."""
     if targets.ndim != 2 or targets.shape[1] != 6:
         raise ValueError(f"targets must be (M, 6) [image, class, x1, y1, x2, y2], got {tuple(targets.shape)}")
-    if not len(targets):
+    if not len(targets) or targets.device.type != "cpu":
         return
     if not torch.isfinite(targets).all():
         raise ValueError("targets hold NaN or inf values")
@@ -94,6 +96,9 @@ class DualDetectionLoss:
     Call with the model's training output (``[aux_maps, main_maps]`` or ``main_maps``; each map is
     ``(B, 4*reg_max + C, H, W)``) and ``targets (M, 6)`` rows ``[image, class, x1, y1, x2, y2]``
     in input pixels. Returns ``(total, parts)``; see the module docstring for the scale.
+
+    Give the targets on the CPU (pinned, on a GPU run): they are checked there and copied without
+    blocking. Nothing in the call then waits for the device: every size follows from the shapes.
     """
 
     def __init__(
@@ -130,7 +135,6 @@ class DualDetectionLoss:
         self.gains = {"box": box, "cls": cls, "dfl": dfl}
         self.assign_mode = assign
         self.assigner = TaskAlignedAssigner(tal_topk, info.num_classes, tal_alpha, tal_beta)
-        self.bins = torch.arange(info.reg_max, dtype=torch.float)
 
     def __call__(
         self, outputs: Sequence, targets: torch.Tensor
@@ -138,7 +142,7 @@ class DualDetectionLoss:
         branches = self._branches(outputs)
         batch = branches["main"][0].shape[0]
         _check_targets(targets, batch, self.info.num_classes)
-        targets = targets.to(branches["main"][0].device, torch.float32)
+        targets = targets.to(branches["main"][0].device, torch.float32, non_blocking=True)
 
         decoded = {name: self._decode(maps) for name, maps in branches.items()}
         assignments: dict[str, Assignment] = {}
@@ -149,11 +153,11 @@ class DualDetectionLoss:
                 assignments["aux"] = assignments["main"]
             else:
                 assignments[name] = self._assign(decoded[name], targets)
-        sums = {name: self._branch_sums(decoded[name], assignments[name]) for name in decoded}
+        sums = {name: self._branch_sums(decoded[name], assignments[name], targets[:, 2:]) for name in decoded}
 
         names = list(sums)
         totals = torch.stack(
-            [sums[n].norm for n in names] + [torch.tensor(float(batch), device=targets.device)]
+            [sums[n].norm for n in names] + [torch.full((), float(batch), device=targets.device)]
         )
         world = 1
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -199,7 +203,8 @@ class DualDetectionLoss:
         anchors, stride = anchor_grid(maps, torch.tensor(self.info.strides))
         anchors, stride = anchors.float(), stride.float()
         with torch.no_grad():
-            ltrb = (dist_logits.softmax(2) * self.bins.to(flat.device).view(1, 1, r, 1)).sum(2)
+            bins = torch.arange(r, dtype=torch.float, device=flat.device)  # made there: no copy
+            ltrb = (dist_logits.softmax(2) * bins.view(1, 1, r, 1)).sum(2)
             boxes = dist2bbox(ltrb.transpose(1, 2), anchors)
         return {"dist": dist_logits, "cls": cls_logits, "anchors": anchors, "stride": stride, "boxes": boxes}
 
@@ -214,21 +219,21 @@ class DualDetectionLoss:
             logits=True,
         )
 
-    def _branch_sums(self, d: dict[str, torch.Tensor], a: Assignment) -> _BranchSums:
+    def _branch_sums(self, d: dict[str, torch.Tensor], a: Assignment, gt_boxes: torch.Tensor) -> _BranchSums:
+        """Loss sums of one branch; ``gt_boxes (M, 4)`` xyxy input pixels."""
         target_scores = a.target_scores.transpose(1, 2)
         cls = F.binary_cross_entropy_with_logits(d["cls"], target_scores.to(d["cls"].dtype), reduction="sum")
         norm = target_scores.sum().detach()
-        if not a.fg_mask.any():
-            zero = d["dist"].sum() * 0
-            return _BranchSums(zero, cls, zero, norm)
-        image, anchor = a.fg_mask.nonzero(as_tuple=True)
-        weight = a.target_scores[image, anchor].sum(-1)
+        # Box and DFL terms over the assigner's fixed-length candidate list: pairs that are not positive
+        # weigh 0. Gathering the positive anchors instead (fg_mask.nonzero()) would read their count back
+        # from the device every step.
+        image, anchor, weight = a.pair_image, a.pair_anchor, a.pair_weight
         stride = d["stride"][anchor]
         points = d["anchors"][anchor]
         dist_logits = d["dist"][image, :, :, anchor]
-        ltrb = dist_logits.softmax(-1) @ self.bins.to(dist_logits.device)
-        pred = dist2bbox(ltrb, points)
-        target = a.target_boxes[image, anchor] / stride
+        bins = torch.arange(self.info.reg_max, dtype=dist_logits.dtype, device=dist_logits.device)
+        pred = dist2bbox(dist_logits.softmax(-1) @ bins, points)
+        target = gt_boxes[a.pair_gt] / stride
         box = ((1 - box_ciou(pred, target)) * weight).sum()
         dfl = (_dfl(dist_logits, bbox2dist(points, target, self.info.reg_max)) * weight).sum()
         return _BranchSums(box, cls, dfl, norm)
