@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,7 +31,7 @@ from ray import tune
 from ray.air.constants import EXPR_ERROR_FILE
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from pipeline import names
+from pipeline import names, storage
 from pipeline.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
 from pipeline.errors import PipelineError
 from pipeline.tracking import check_tracking_uri, experiment_id, flatten, resolve_tracking_uri
@@ -154,7 +155,15 @@ def _search_alg(cfg: Config, space: dict[str, Any]):
 
 
 def concurrent_trials(cfg: Config) -> int:
-    """Trials that fit side by side: the cluster's CPUs (and GPUs) over what one trial's workers take."""
+    """Trials to run side by side.
+
+    On a cluster this job attached to (``ray.address`` or ``RAY_ADDRESS``): ``tune.max_concurrent_trials``,
+    whatever is up right now. Such a cluster may scale (KubeRay, the cluster launcher: a head with no CPUs,
+    GPU workers from zero); the trials Tune starts ask for their workers, that pending demand is what makes
+    the autoscaler add nodes, and trials wait in Tune's queue until they are up. On the local instance this
+    process started, which cannot grow: as many as its CPUs (and GPUs) hold, and a SearchError when not one
+    trial fits, rather than waiting forever.
+    """
     available = ray.cluster_resources()
     per_trial_cpu = cfg.ray.num_workers * cfg.ray.cpus_per_worker
     fits = math.floor(available.get("CPU", 0) / per_trial_cpu)
@@ -162,12 +171,21 @@ def concurrent_trials(cfg: Config) -> int:
         fits = min(
             fits, math.floor(available.get("GPU", 0) / (cfg.ray.num_workers * cfg.ray.gpus_per_worker))
         )
+    wanted = cfg.tune.max_concurrent_trials
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        if fits < wanted:
+            log.info(
+                "the cluster holds %d of %d concurrent trials now (%s); the others wait for the autoscaler",
+                max(fits, 0), wanted, available,
+            )  # fmt: skip
+        return wanted
     if fits < 1:
         raise SearchError(
             f"one trial needs {cfg.ray.num_workers} workers x {cfg.ray.cpus_per_worker} CPU"
-            f"{' + GPUs' if cfg.ray.use_gpu else ''}, more than the cluster has ({available})"
+            f"{' + GPUs' if cfg.ray.use_gpu else ''}, more than the local Ray instance has ({available}); "
+            "on a cluster that scales, give its address (ray.address or RAY_ADDRESS)"
         )
-    return min(fits, cfg.tune.max_concurrent_trials)
+    return min(fits, wanted)
 
 
 def _parent_run(client: MlflowClient, cfg: Config, resuming: bool) -> tuple[str, str]:
@@ -198,8 +216,8 @@ def run_search(cfg: Config) -> list[TrialRow]:
     cfg = starting_weights(cfg, uri)
     base = cfg.to_dict()
     client = MlflowClient(uri)
-    path = str(Path(cfg.ray.storage_path) / cfg.tune.name) if "://" not in cfg.ray.storage_path else None
-    resuming = path is not None and tune.Tuner.can_restore(path)
+    path = str(storage.locate(cfg.ray.storage_path, cfg.tune.name))  # a folder, or a URL in object storage
+    resuming = tune.Tuner.can_restore(path)
     exp_id, parent_id = _parent_run(client, cfg, resuming)
     # The trial function only drives its Ray Train run: it asks for a little memory and no CPU, so the
     # CPUs (and GPUs) all go to the trials' Ray Train workers.
@@ -270,7 +288,7 @@ def starting_weights(cfg: Config, uri: str) -> Config:
 
 def finished_best_checkpoint(cfg: Config, uri: str) -> str | None:
     """The best checkpoint of the newest finished run of ``cfg`` (same experiment, run name and storage)
-    that still exists on disk, or None."""
+    that still exists (on disk or in object storage), or None."""
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
     if experiment is None:
@@ -281,7 +299,7 @@ def finished_best_checkpoint(cfg: Config, uri: str) -> str | None:
     )
     for run in client.search_runs([experiment.experiment_id], query, order_by=["attributes.start_time DESC"]):
         best = run.data.tags.get(names.BEST_CHECKPOINT_TAG)
-        if best and Path(best).exists():
+        if best and storage.exists(best):
             return best
     return None
 

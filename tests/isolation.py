@@ -1,5 +1,6 @@
-"""Test modules that connect the test process to Ray (they use the `local_ray` fixture) run in a pytest
-process of their own; their reports are replayed here, one per test as if it had run in this process.
+"""Test modules that connect the test process to Ray (they use the `local_ray` fixture, or are marked
+`own_process`) run in a pytest process of their own; their reports are replayed here, one per test as if
+it had run in this process.
 
 Why: in Ray 2.60 a local instance that has run fault-injection trainings can leave `ray.shutdown()` blocked
 in the driver (inside the GCS subscriber's close), holding Ray's connect lock, so that the process can
@@ -26,6 +27,7 @@ import pytest
 REPORTS_ENV = "YOLOV9_TEST_REPORTS"  # set in a module's own process: the file its reports go to
 MODULE_TIMEOUT_S = 1200
 ISOLATING_FIXTURE = "local_ray"
+ISOLATING_MARKER = "own_process"  # for modules that connect to a Ray cluster of their own
 
 
 @dataclass
@@ -53,8 +55,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         by_module.setdefault(item.path, []).append(item)
     for path, module_items in by_module.items():
-        if any(ISOLATING_FIXTURE in getattr(item, "fixturenames", ()) for item in module_items):
+        if any(_runs_apart(item) for item in module_items):
             _modules[path] = [item.nodeid for item in module_items]
+
+
+def _runs_apart(item: pytest.Item) -> bool:
+    marked = item.get_closest_marker(ISOLATING_MARKER) is not None
+    return marked or ISOLATING_FIXTURE in getattr(item, "fixturenames", ())
 
 
 @pytest.hookimpl(tryfirst=True)
