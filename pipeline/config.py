@@ -57,7 +57,8 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    root: str = "data/coco-shards"  # holds train-manifest.json, val-manifest.json, val-coco.json
+    root: str = "data/coco-shards"  # holds train-manifest.json, val-manifest.json, val-coco.json; or a URL
+    allow_pipe: bool = False  # accept pipe: shard names in manifests (each one runs a shell command)
     synthetic: SyntheticConfig | None = None
     num_workers: int = 4  # DataLoader processes per Ray Train worker
     shuffle_buffer: int = 256

@@ -1,4 +1,5 @@
-"""Streaming train and val loaders over WebDataset shards (any URL webdataset opens: paths, pipe:, s3://).
+"""Streaming train and val loaders over WebDataset shards: local paths, any URL ``pipeline.storage`` opens
+(s3://, gs://, ...), and ``pipe:`` commands where the manifest was read with them allowed.
 
 Work split: a ``Partition`` says which shards one DataLoader worker of one rank reads and which of their
 samples it keeps (every ``stride``-th from ``offset``, counting raw samples in read order). Whole shards go
@@ -20,7 +21,7 @@ import itertools
 import json
 import logging
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -30,6 +31,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline import storage
 from pipeline.data.augment import AugmentConfig, Labelled, augment_train_sample, letterbox
 from pipeline.data.manifest import DataError, Manifest
 
@@ -145,7 +147,7 @@ def iter_samples(
             return True
 
         raw_count = 0
-        for raw in wds.tarfile_samples([{"url": urls[shard]}], handler=keep_going):
+        for raw in _tar_samples(urls[shard], keep_going):
             raw_count += 1
             mine = k % part.stride == part.offset
             k += 1
@@ -161,6 +163,22 @@ def iter_samples(
             )
         if failures:
             errors.add("shard_errors", f"{urls[shard]}: {failures[0]}")
+
+
+def _tar_samples(url: str, handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """The samples (dicts of member bytes) of the tar at ``url``, streamed. Local paths and object-store
+    URLs are opened by ``pipeline.storage`` (webdataset's own opener knows no s3://); ``pipe:`` commands,
+    refused unless allowed when the manifest was read, by webdataset."""
+    if url.startswith("pipe:"):
+        yield from wds.tarfile_samples([{"url": url}], handler=handler)
+        return
+    try:
+        stream = storage.open_input(url)
+    except OSError as e:
+        handler(e)
+        return
+    files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+    yield from wds.tariterators.group_by_keys(files, handler=handler)
 
 
 def buffered_shuffle(stream: Iterable[T], size: int, rng: np.random.Generator) -> Iterator[tuple[T, list[T]]]:

@@ -62,7 +62,8 @@ def fit_local(
     directory = local_run_dir(cfg)
     device = torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
     latest_path, latest = _latest_loadable(directory)
-    state = build_train_state(cfg, TrainingData.read(cfg.data.root), device, resume=latest)
+    data = TrainingData.read(cfg.data.root, cfg.data.allow_pipe)
+    state = build_train_state(cfg, data, device, resume=latest)
     if latest_path:
         log.info(
             "resuming %s from %s (epoch %d, step %d)", cfg.ray.run_name, latest_path, state.epoch, state.step
