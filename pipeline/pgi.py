@@ -211,10 +211,17 @@ def plot_pgi(history: Sequence[Mapping[str, float]], path: str | Path, title: st
         ax.set_xticks(range(len(stages)), stages, rotation=45, ha="right", fontsize=7)
         ax.set_title(stat.replace("_", " "))
         if stat.endswith("norm") or stat == "aux_main_ratio":
-            ax.set_yscale("log")
+            log_scale_if_positive(ax)
     axes[0][0].legend(fontsize=6)
     fig.suptitle(title or "PGI: gradient each branch's weighted loss sends into each stage")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def log_scale_if_positive(ax: object) -> None:
+    """A log y axis when the panel has a positive value (an arm without aux loss has only zeros)."""
+    values = [y for line in ax.get_lines() for y in np.asarray(line.get_ydata(), dtype=float)]
+    if any(np.isfinite(y) and y > 0 for y in values):
+        ax.set_yscale("log")

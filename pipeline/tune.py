@@ -10,6 +10,10 @@ A search space in the config maps dotted keys to one domain each::
         loss.tal_topk: {choice: [5, 7, 10, 13, 16]}
         train.lr0: {loguniform: [0.001, 0.02]}
         loss.assign: {grid: [independent, lead_guided]}
+
+``arms`` is a grid over named sets of settings (the key names the arm in each trial's params)::
+
+        arm: {arms: {reference: {loss.aux_weight: 0.25}, single-branch: {model.name: gelan-t}}}
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ DOMAINS = {
     "randint": tune.randint,
     "choice": tune.choice,
     "grid": tune.grid_search,
+    "arms": tune.grid_search,  # over the arms' names; trial_config applies each arm's settings
 }
 
 
@@ -80,6 +85,9 @@ def build_space(space: dict[str, Any], base: dict[str, Any], where: str = "tune.
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DOMAINS:
             raise SearchError(f"{where}.{key}: expected one of {{{', '.join(DOMAINS)}: [...]}}, got {spec!r}")
         ((kind, args),) = spec.items()
+        if kind == "arms":
+            domains[key] = tune.grid_search(list(_check_arms(args, base, f"{where}.{key}")))
+            continue
         if not isinstance(args, list) or not args:
             raise SearchError(f"{where}.{key}: {kind} takes a non-empty list, got {args!r}")
         example = args[0]
@@ -91,10 +99,33 @@ def build_space(space: dict[str, Any], base: dict[str, Any], where: str = "tune.
     return domains
 
 
+def _check_arms(arms: Any, base: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
+    """``arms`` (arm name -> {config key: value}), each arm checked as a whole against ``base``."""
+    if not isinstance(arms, dict) or not arms or not all(isinstance(a, dict) and a for a in arms.values()):
+        raise SearchError(f"{where}: arms takes a mapping of arm name -> {{config key: value}}, got {arms!r}")
+    for name, settings in arms.items():
+        try:
+            config_from_dict(apply_overrides(base, _overrides(settings)), where)
+        except ConfigError as e:
+            raise SearchError(f"{where}.{name}: {e}") from e
+    return arms
+
+
+def _overrides(settings: dict[str, Any]) -> list[str]:
+    return [f"{k}={yaml.safe_dump(v).strip()}" for k, v in settings.items()]
+
+
 def trial_config(base: dict[str, Any], params: dict[str, Any], run_name: str) -> Config:
-    """The training config of one trial: the base with the sampled ``params`` set."""
-    overrides = [f"{k}={yaml.safe_dump(v).strip()}" for k, v in params.items()] + [f"ray.run_name={run_name}"]
-    return config_from_dict(apply_overrides(base, overrides), "trial")
+    """The training config of one trial: the base with the sampled ``params`` set (an ``arms`` key's
+    value: that arm's settings)."""
+    space = base.get("tune", {}).get("space") or {}
+    settings: dict[str, Any] = {}
+    for key, value in params.items():
+        arms = space.get(key, {}).get("arms")
+        settings.update(arms[value] if arms is not None else {key: value})
+    return config_from_dict(
+        apply_overrides(base, [*_overrides(settings), f"ray.run_name={run_name}"]), "trial"
+    )
 
 
 def _trial(config: dict[str, Any]) -> None:

@@ -52,6 +52,18 @@ def test_a_branch_whose_loss_is_zero_sends_zero_gradient():
     assert "pgi/s/cosine" not in stats
 
 
+@pytest.mark.parametrize(
+    "epoch",
+    [
+        {"epoch": 1, "pgi/neck_p3/main_grad_norm": 2.0, "pgi/neck_p3/main_zero_frac": 0.1},  # single branch
+        {"epoch": 1, "pgi/backbone_p3/main_grad_norm": 2.0, "pgi/backbone_p3/aux_grad_norm": 0.0,
+         "pgi/backbone_p3/aux_main_ratio": 0.0},  # aux weight 0: only zeros where the axes are logarithmic
+    ],
+)  # fmt: skip
+def test_the_plot_draws_runs_without_an_aux_gradient(epoch, tmp_path):
+    assert plot_pgi([epoch], tmp_path / "pgi.png").stat().st_size > 10_000
+
+
 def config(shards, *extra: str):
     return load_config(
         None,
