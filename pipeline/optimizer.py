@@ -1,12 +1,20 @@
 """The reference optimisation recipe: SGD parameter groups, gradient accumulation to a nominal
 batch, warmup and the learning-rate schedule.
 
-Learning-rate rule across cluster sizes: the global batch is ``batch_size * world_size``; gradients
-are accumulated over ``accumulate = max(round(nominal_batch / global_batch), 1)`` steps, so one
-optimizer step always sees about ``nominal_batch`` images and ``lr0`` needs no change when the
-worker count changes. Weight decay is scaled by ``global_batch * accumulate / nominal_batch``
-(it acts once per optimizer step). Past ``nominal_batch`` images per step (many GPUs),
-accumulation stops at 1 and the step simply sees more images with the same ``lr0``.
+Learning-rate rule across cluster sizes: every image moves the weights by the same amount, ``lr0``
+times its gradient, however the images are grouped into steps. The global batch is
+``batch_size * world_size``; gradients are accumulated over
+``accumulate = max(round(nominal_batch / global_batch), 1)`` micro-batches, and the loss is the *sum*
+over the step's images (``yolov9.loss``: the reference's ``loss * batch_size``, summed over workers), so a
+step of ``images_per_step = global_batch * accumulate`` images moves the weights by ``lr0`` times the sum
+of their gradients. Weight decay, which acts once per step, is scaled by
+``images_per_step / nominal_batch``, so it too is the same per image.
+
+Up to ``nominal_batch`` images per step this is the reference recipe unchanged. Past it (8 workers x 16 =
+128 images for a nominal 64), a step sums twice the images: relative to a nominal-batch step the learning
+rate and the weight decay are scaled linearly, x ``images_per_step / nominal_batch`` (the linear scaling
+rule of large-batch SGD; warmup, which the schedule keeps, is what makes it hold early on). ``lr0`` needs
+no change when the worker count changes; :func:`linear_scale` is the factor, logged by the trainer.
 """
 
 from __future__ import annotations
@@ -22,6 +30,18 @@ from torch import nn
 def accumulation_steps(nominal_batch: int, global_batch: int) -> int:
     """Micro-batches per optimizer step so that a step sees about ``nominal_batch`` images."""
     return max(round(nominal_batch / global_batch), 1)
+
+
+def images_per_step(nominal_batch: int, global_batch: int) -> int:
+    """Images whose gradients one optimizer step sums: the global batch times the accumulation."""
+    return global_batch * accumulation_steps(nominal_batch, global_batch)
+
+
+def linear_scale(nominal_batch: int, global_batch: int) -> float:
+    """How much larger a step's update is than a ``nominal_batch`` step's: the factor by which the
+    learning rate and the weight decay are in effect scaled (1 up to a global batch of ``nominal_batch``,
+    give or take the rounding of the accumulation)."""
+    return images_per_step(nominal_batch, global_batch) / nominal_batch
 
 
 def build_sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:

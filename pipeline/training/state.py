@@ -18,7 +18,7 @@ from pipeline.config import Config
 from pipeline.data import Manifest, read_manifest
 from pipeline.data.manifest import coco_json_path, manifest_path
 from pipeline.ema import ModelEMA, unwrap
-from pipeline.optimizer import Schedule, accumulation_steps, build_sgd
+from pipeline.optimizer import Schedule, build_sgd, images_per_step, linear_scale
 from pipeline.pretrained import freeze_layers, load_initial_weights
 from yolov9 import build_model
 from yolov9.loss import DualDetectionLoss
@@ -140,11 +140,16 @@ def build_train_state(
     ema = ModelEMA(model, cfg.train.ema_decay, cfg.train.ema_tau)
     t = cfg.train
     global_batch = t.batch_size * world
-    accumulate = accumulation_steps(t.nominal_batch, global_batch)
-    # weight decay acts once per optimizer step, which sees global_batch * accumulate images
-    optimizer = build_sgd(
-        model, t.lr0, t.momentum, t.weight_decay * global_batch * accumulate / t.nominal_batch
-    )
+    # weight decay acts once per optimizer step: scaled to the images the step sums (pipeline.optimizer)
+    scale = linear_scale(t.nominal_batch, global_batch)
+    optimizer = build_sgd(model, t.lr0, t.momentum, t.weight_decay * scale)
+    if rank == 0 and global_batch > t.nominal_batch:
+        log.info(
+            "global batch %d (%d workers x %d) exceeds train.nominal_batch %d: each step sums %d images' "
+            "gradients, i.e. lr0 and weight decay act x%.2f per step (linear scaling; per image unchanged)",
+            global_batch, world, t.batch_size, t.nominal_batch,
+            images_per_step(t.nominal_batch, global_batch), scale,
+        )  # fmt: skip
     amp = amp_dtype(t.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     schedule = Schedule(
@@ -177,7 +182,22 @@ def build_train_state(
         restore(state, resume)
     if wrap is not None:
         state.model = wrap(state.model)
+    if device.type == "cuda":
+        # fixed input sizes: let cuDNN time its convolution algorithms once per shape and keep the fastest
+        torch.backends.cudnn.benchmark = True
+    if cfg.train.compile:
+        compile_for_training(state)
     return state
+
+
+def compile_for_training(state: TrainState, backend: str = "inductor") -> None:
+    """``torch.compile`` the (wrapped) model and the loss's per-branch work in place (``train.compile``).
+
+    Compilation is lazy: the first step of each input shape pays it. The loss compiles with dynamic
+    shapes, since the number of boxes changes from batch to batch. ``backend`` is torch.compile's.
+    """
+    state.model = torch.compile(state.model, backend=backend)
+    state.loss_fn.compile(backend)
 
 
 def restore(state: TrainState, checkpoint: TrainingCheckpoint) -> None:
