@@ -924,13 +924,22 @@ def test_head_has_no_gpus(where: str, spec: dict) -> None:
     assert spec["headGroupSpec"]["rayStartParams"].get("num-gpus") == "0", where
 
 
-def test_raycluster_autoscales_a_gpu_worker_group() -> None:
+def _gpus(group: dict) -> int:
+    (container,) = group["template"]["spec"]["containers"]
+    return int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
+
+
+def test_raycluster_autoscales_8_gpu_workers_by_default_and_1_gpu_workers_as_a_variant() -> None:
     spec = _by_kind(STACK, "RayCluster")["yolov9"]["spec"]
     assert spec["enableInTreeAutoscaling"] is True
-    (group,) = spec["workerGroupSpecs"]
-    assert group["minReplicas"] < group["maxReplicas"]
-    (container,) = group["template"]["spec"]["containers"]
-    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    groups = spec["workerGroupSpecs"]
+    assert [_gpus(g) for g in groups] == [8, 1]  # the first group is the default the docs size
+    assert all(g["minReplicas"] == 0 < g["maxReplicas"] for g in groups)
+
+
+def test_cpu_component_leaves_one_cpu_worker_group() -> None:
+    (group,) = _by_kind(STACK_CPU, "RayCluster")["yolov9"]["spec"]["workerGroupSpecs"]
+    assert group["groupName"] == "cpu" and _gpus(group) == 0
 
 
 @pytest.mark.parametrize(("where", "pod"), _by_where(_ray_pod_specs()))
