@@ -36,9 +36,17 @@ from ray.air.constants import EXPR_ERROR_FILE
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from pipeline import names, storage
+from pipeline.checkpoint import load_checkpoint
 from pipeline.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
 from pipeline.errors import PipelineError
-from pipeline.tracking import check_tracking_uri, experiment_id, flatten, resolve_tracking_uri
+from pipeline.tracking import (
+    TrackingOutbox,
+    check_tracking_uri,
+    epoch_records,
+    experiment_id,
+    flatten,
+    resolve_tracking_uri,
+)
 from pipeline.train import ensure_ray, fit
 from pipeline.train_job import prepare_data, run_training
 from pipeline.weights_source import resolve_weights
@@ -149,11 +157,26 @@ def _trial(config: dict[str, Any]) -> None:
     client.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
     try:
         cfg = trial_config(config["base"], params, run_name)
-        fit(cfg, tracking=(config["tracking_uri"], run_id), callbacks=[TuneReportCallback()])
+        result = fit(cfg, tracking=(config["tracking_uri"], run_id), callbacks=[TuneReportCallback()])
+        send_missing_epochs(config["tracking_uri"], run_id, result)
     except BaseException:
         client.set_tag(run_id, names.TRIAL_STATUS_TAG, "errored")
         client.set_terminated(run_id, status="FAILED")
         raise
+
+
+def send_missing_epochs(uri: str, run_id: str, result: ray.train.Result) -> None:
+    """Send the epochs of the final checkpoint's history that the run lacks: the MLflow callback's thread
+    ends with Ray Train's controller, and what it had queued (a short trial's every epoch) goes with it."""
+    if result.checkpoint is None:
+        return
+    with result.checkpoint.as_directory() as d:
+        history = load_checkpoint(d).history
+    outbox = TrackingOutbox(uri)
+    outbox.add(*epoch_records(uri, run_id, history))
+    if not outbox.send(patience_s=60.0):
+        log.warning("MLflow %s: %d epoch records of run %s not sent (%s)", uri, len(outbox), run_id,
+                    outbox.last_error)  # fmt: skip
 
 
 def _param(key: str, value: Any) -> Param:
