@@ -11,17 +11,32 @@ experiment name (its latest run with a ``best_checkpoint`` tag). Exits 2 with th
 checkpoint fails verification; nothing is registered then. ``--weights`` is a reference checkpoint
 file (read without executing it): its mAP on the val shards of ``--data`` is measured and tagged, its
 lineage is the file's sha256.
+
+Where the work runs: with a Ray cluster to attach to (``--address``, or ``RAY_ADDRESS``, which ``ray job
+submit`` sets) a ``--run`` registration is a Ray task with the resources of one worker of the training
+(its CPUs, a GPU when it trained on GPUs), so the head only orchestrates; otherwise it runs here.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import asdict
 
+from mlflow.tracking import MlflowClient
+
 from jobs.cli import run
-from pipeline.registry import MAP_TOLERANCE, REFERENCE_IMGSZ, register, register_reference
-from pipeline.tracking import resolve_tracking_uri
+from pipeline.registry import (
+    MAP_TOLERANCE,
+    REFERENCE_IMGSZ,
+    register,
+    register_on_ray,
+    register_reference,
+    resolve_source,
+    source_run_resources,
+)
+from pipeline.tracking import check_tracking_uri, resolve_tracking_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         "--imgsz", type=int, default=REFERENCE_IMGSZ, help="input side for --weights (pixels)"
     )
     parser.add_argument("--promote", action="store_true", help="move the champion alias whatever the mAP")
+    parser.add_argument(
+        "--address", default=None, help="Ray cluster to run the --run checks on (default: RAY_ADDRESS)"
+    )
     args = parser.parse_args(argv)
     if args.weights is not None and args.data is None:
         parser.error("--weights needs --data (the val shards its mAP is measured on)")
@@ -62,6 +80,22 @@ def main(argv: list[str] | None = None) -> int:
             imgsz=args.imgsz,
             promote=args.promote,
             experiment=args.experiment,
+        )
+    elif args.address or os.environ.get("RAY_ADDRESS"):
+        from pipeline.train import ensure_ray  # Ray loads only for a cluster registration
+
+        check_tracking_uri(uri)
+        src = resolve_source(args.run, MlflowClient(uri))
+        ensure_ray(args.address)
+        result = register_on_ray(
+            src,
+            args.name,
+            uri,
+            source_run_resources(src, uri),
+            promote=args.promote,
+            data_root=args.data,
+            experiment=args.experiment,
+            map_tolerance=args.map_tolerance,
         )
     else:
         result = register(

@@ -53,6 +53,7 @@ DEFAULT_EXPERIMENT = "yolov9-registry"
 # Pruning only re-associates float32 sums (BN folding, RepConvN merge); 1e-4 of the output scale is generous
 # for that and far below any change a real bug makes.
 OUTPUT_RTOL = 1e-4
+CPU = torch.device("cpu")
 MAP_TOLERANCE = 1e-3
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_IMGSZ = 640  # the reference's training and validation size
@@ -87,6 +88,10 @@ class Verification:
     onnx_detections: int = 0
     torchscript_box_diff_px: float = 0.0
     torchscript_score_diff: float = 0.0
+    device: str = "cpu"  # where the checks ran ("cuda": under autocast, as training validates on a GPU)
+    # mAP@0.5:0.95 of the unpruned EMA model re-measured here when the recorded one was measured on another
+    # kind of device (NaN: not needed); the pruned model's is then compared with it
+    dual_map50_95: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -282,6 +287,11 @@ def first_val_images(state: TrainingCheckpoint, data_root: str | Path | None, co
     return images.contiguous()
 
 
+def validated_on(state: TrainingCheckpoint) -> str:
+    """The kind of device the checkpoint's recorded mAP was measured on: its training's (``ray.use_gpu``)."""
+    return "cuda" if (state.config.get("ray") or {}).get("use_gpu") else "cpu"
+
+
 def verify_checkpoint(
     state: TrainingCheckpoint,
     dual: DetectionModel,
@@ -290,32 +300,53 @@ def verify_checkpoint(
     data_root: str | Path | None,
     num_workers: int = 0,
     map_tolerance: float = MAP_TOLERANCE,
+    device: torch.device = CPU,
 ) -> Verification:
     """Both pre-registration checks on the checkpoint's val split (``data_root`` defaults to the training
-    config's): outputs on ``images`` (uint8 (B, 3, S, S) val images) and the val mAP. Raises
-    RegistrationError on a mismatch."""
+    config's), run on ``device``: outputs on ``images`` (uint8 (B, 3, S, S) val images) and the val mAP.
+
+    The mAP is compared like with like: with the recorded one when ``device`` is the kind training
+    validated on (on a GPU both run under autocast); otherwise the unpruned EMA model is re-measured here
+    too and the pruned model's mAP is compared with that. Raises RegistrationError on a mismatch."""
     manifest, root, imgsz = _val_setup(state, data_root)
     train_cfg = state.config["train"]
     rel = verify_outputs(dual, pruned, images.float() / 255)
     recorded, _ = recorded_map(state)
-    loader = make_val_loader(
-        manifest, batch_size=16, imgsz=imgsz, rank=0, world_size=1, num_workers=num_workers
-    )
-    scores = evaluate_distributed(
-        pruned,
-        loader,
-        coco_json_path(root, "val"),
-        torch.device("cpu"),
-        conf_thres=float(train_cfg.get("val_conf", 0.001)),
-        iou_thres=float(train_cfg.get("val_iou", 0.7)),
-        max_det=int(train_cfg.get("val_max_det", 300)),
-    )
-    verify_map(scores["map50_95"], recorded, map_tolerance)
+
+    def val_map(model: DetectionModel) -> dict[str, float]:
+        loader = make_val_loader(
+            manifest, batch_size=16, imgsz=imgsz, rank=0, world_size=1, num_workers=num_workers
+        )
+        return evaluate_distributed(
+            model.to(device),
+            loader,
+            coco_json_path(root, "val"),
+            device,
+            conf_thres=float(train_cfg.get("val_conf", 0.001)),
+            iou_thres=float(train_cfg.get("val_iou", 0.7)),
+            max_det=int(train_cfg.get("val_max_det", 300)),
+        )
+
+    scores = val_map(pruned)
+    dual_map = float("nan")
+    if device.type == validated_on(state):
+        verify_map(scores["map50_95"], recorded, map_tolerance)
+    else:
+        log.info(
+            "the recorded mAP was measured on %s, this check runs on %s: re-measuring the unpruned model",
+            validated_on(state), device.type,
+        )  # fmt: skip
+        dual_map = float(val_map(dual)["map50_95"])
+        verify_map(scores["map50_95"], dual_map, map_tolerance)
+    for model in (dual, pruned):  # export and serving take them from the CPU
+        model.to(CPU)
     return Verification(
         output_max_rel_diff=rel,
         map50_95=float(scores["map50_95"]),
         map50=float(scores["map50"]),
         recorded_map50_95=recorded,
+        device=device.type,
+        dual_map50_95=dual_map,
     )
 
 
@@ -345,6 +376,7 @@ def version_tags(
         names.RAY_JOB_TAG: source.ray_job_id or "",
         names.SOURCE_CHECKPOINT_TAG: str(source.checkpoint),
         "epoch": str(state.epoch),
+        "verified_on": verification.device,
     }
 
 
@@ -405,8 +437,11 @@ def register_source(
     num_workers: int = 0,
     map_tolerance: float = MAP_TOLERANCE,
 ) -> RegistrationResult:
-    """:func:`register` for an already resolved source (the caller has checked ``tracking_uri``)."""
+    """:func:`register` for an already resolved source (the caller has checked ``tracking_uri``). The checks
+    run on this process's GPU when it has one (a Ray task given one: :func:`register_on_ray`), else its CPU.
+    """
     client = MlflowClient(tracking_uri)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         state = load_checkpoint(src.checkpoint)
         dual = ema_model(state)
@@ -415,7 +450,9 @@ def register_source(
     check_registrable(state, src.checkpoint)
     pruned = prune(dual)
     images = first_val_images(state, data_root)
-    verification = verify_checkpoint(state, dual, pruned, images, data_root, num_workers, map_tolerance)
+    verification = verify_checkpoint(
+        state, dual, pruned, images, data_root, num_workers, map_tolerance, device
+    )
     imgsz = state.train_image_size()
     spec = ModelSpec(
         model_name=state.model_name,
@@ -607,7 +644,8 @@ def _log_and_register(
             tags=run_tags,
             nested=mlflow.active_run() is not None,
         ) as run:
-            mlflow.log_metrics({f"verify/{k}": float(v) for k, v in asdict(verification).items()})
+            figures = {k: v for k, v in asdict(verification).items() if isinstance(v, int | float)}
+            mlflow.log_metrics({f"verify/{k}": float(v) for k, v in figures.items()})
             for f in exports:
                 mlflow.log_artifact(str(f), artifact_path="export")
             info = mlflow.pyfunc.log_model(
@@ -661,22 +699,57 @@ def _requirements() -> list[str]:
     return [f"{p}=={version(p).split('+')[0]}" for p in packages]
 
 
+def task_resources(ray_config: dict[str, Any]) -> dict[str, float]:
+    """Ray task options that give registration what one worker of the training had: its CPUs, and one GPU
+    when it trained on GPUs (``ray_config``: a Config's ``ray`` section, as a dict or as run params)."""
+    use_gpu = str(ray_config.get("use_gpu", False)).lower() == "true"
+    return {"num_cpus": float(ray_config.get("cpus_per_worker", 1.0)), "num_gpus": 1.0 if use_gpu else 0.0}
+
+
+def register_on_ray(
+    src: CheckpointSource, name: str, tracking_uri: str, resources: dict[str, float], **options: Any
+) -> RegistrationResult:
+    """:func:`register_source` as a Ray task with ``resources`` (:func:`task_resources`), on the connected
+    Ray cluster: loading, pruning, the mAP check and the export run on a worker node, a GPU one when the
+    training had GPUs, while the driver on the head only waits. Not retried: a failed check is final."""
+    import ray
+
+    task = ray.remote(max_retries=0, **resources)(register_source)
+    log.info("registering %s as a Ray task (%s)", src.checkpoint, resources)
+    return ray.get(task.remote(src, name, tracking_uri, **options))
+
+
+def source_run_resources(src: CheckpointSource, tracking_uri: str) -> dict[str, float]:
+    """:func:`task_resources` of the training run that produced ``src`` (its ``ray.*`` params); one CPU
+    when the source has no run (a bare checkpoint path)."""
+    if src.run_id is None:
+        return task_resources({})
+    params = MlflowClient(tracking_uri).get_run(src.run_id).data.params
+    return task_resources({k.removeprefix("ray."): v for k, v in params.items() if k.startswith("ray.")})
+
+
 def register_after_training(
-    checkpoint_dir: str | Path, run_id: str, tracking_uri: str, model_name: str, *, promote: bool = False
+    checkpoint_dir: Location,
+    run_id: str,
+    tracking_uri: str,
+    model_name: str,
+    *,
+    promote: bool = False,
+    on_ray: bool = False,
 ) -> RegistrationResult:
     """The end-of-training hook (``mlflow.register: true``): register ``checkpoint_dir``, which training run
-    ``run_id`` produced, logging the registration run into that run's experiment."""
+    ``run_id`` produced, logging the registration run into that run's experiment. ``on_ray``: as a Ray task
+    with one training worker's resources (:func:`register_on_ray`), else in this process."""
     check_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     run = client.get_run(run_id)
-    return register_source(
-        CheckpointSource(
-            checkpoint=Path(checkpoint_dir),
-            run_id=run_id,
-            experiment_id=run.info.experiment_id,
-            ray_job_id=run.data.tags.get(names.RAY_JOB_TAG),
-        ),
-        model_name,
-        tracking_uri,
-        promote=promote,
+    src = CheckpointSource(
+        checkpoint=storage.locate(checkpoint_dir),
+        run_id=run_id,
+        experiment_id=run.info.experiment_id,
+        ray_job_id=run.data.tags.get(names.RAY_JOB_TAG),
     )
+    if on_ray:
+        resources = source_run_resources(src, tracking_uri)
+        return register_on_ray(src, model_name, tracking_uri, resources, promote=promote)
+    return register_source(src, model_name, tracking_uri, promote=promote)

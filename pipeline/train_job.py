@@ -149,7 +149,10 @@ def run_training(
     elif cfg.mlflow.register and checkpoints.best_path is not None:
         from pipeline.registry import register_after_training  # onnx and friends load only when asked
 
-        result = register_after_training(checkpoints.best_path, run_id, uri, cfg.mlflow.model_name)
+        # on Ray, the checks and the export run as a task with a training worker's resources, not here
+        result = register_after_training(
+            checkpoints.best_path, run_id, uri, cfg.mlflow.model_name, on_ray=not local
+        )
         log.info("registered %s: %s", result.model_uri, result.promotion.reason)
     return TrainingSummary(
         run_name=cfg.ray.run_name,
