@@ -63,7 +63,9 @@ def test_shards_train_resume_evaluate_register_all_in_the_bucket(
     stop = fail_once(markers / "stopped", epoch=1, batch=0, rank=0)
     with pytest.raises(Exception, match="injected worker failure"):
         run_training(load_config(None, overrides), loop_extras={"step_hooks": [stop]})
-    summary = run_training(load_config(None, overrides))
+    # the end of training registers the best checkpoint as a Ray task (the checks and export off the driver)
+    registering = ["mlflow.register=true", "mlflow.model_name=s3-det"]
+    summary = run_training(load_config(None, [*overrides, *registering]))
 
     assert summary.best_checkpoint.startswith(f"s3://{BUCKET}/ray/s3-run/checkpoint_")
     assert [h["epoch"] for h in load_checkpoint(summary.latest_checkpoint).history] == [1, 2]
@@ -72,9 +74,13 @@ def test_shards_train_resume_evaluate_register_all_in_the_bucket(
     capsys.readouterr()
     evaluate.main(["--checkpoint", summary.best_checkpoint, "--data", data, "--workers", "0"])
     assert capsys.readouterr().out.startswith("COCO bbox")
-    assert register.main(["--run", summary.mlflow_run_id, "--tracking-uri", uri, "--name", "s3-det"]) == 0
-    version = MlflowClient(uri).get_model_version_by_alias("s3-det", "champion")
-    assert version.tags["checkpoint"] == summary.best_checkpoint
+    champion = MlflowClient(uri).get_model_version_by_alias("s3-det", "champion")
+    assert champion.tags["checkpoint"] == summary.best_checkpoint and champion.tags["verified_on"] == "cpu"
+    # jobs.register on a cluster (here the module's Ray instance): a Ray task too
+    argv = ["--run", summary.mlflow_run_id, "--tracking-uri", uri, "--name", "s3-det", "--address", "auto"]
+    assert register.main(argv) == 0
+    versions = MlflowClient(uri).search_model_versions("name='s3-det'")
+    assert sorted(v.tags["checkpoint"] for v in versions) == [summary.best_checkpoint] * 2
 
     keys = s3.keys(BUCKET)
     assert "shards/train-manifest.json" in keys and "shards/val-coco.json" in keys
