@@ -112,6 +112,7 @@ def test_a_single_branch_model_has_main_statistics_only(tiny_shards):
     assert {k.split("/")[2] for k in stats} == {"main_grad_norm", "main_zero_frac"}
 
 
+@pytest.mark.slow
 def test_training_with_diagnostics_ends_with_the_same_weights_optimizer_and_rng_as_without(
     tiny_shards, tmp_path
 ):
@@ -121,7 +122,8 @@ def test_training_with_diagnostics_ends_with_the_same_weights_optimizer_and_rng_
         torch.manual_seed(123)
         random.seed(123)
         np.random.seed(123)
-        cfg = config(tiny_shards, f"train.pgi_diagnostics_every={every}", "train.val_every=2")
+        cfg = config(tiny_shards, f"train.pgi_diagnostics_every={every}", "train.val_every=2",
+                     "train.steps_per_epoch=1")  # fmt: skip
         state = build_train_state(cfg, data, CPU)
         history = [run_epoch(state), run_epoch(state)]
         rng = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1])
