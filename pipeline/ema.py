@@ -29,14 +29,23 @@ class ModelEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """``ema = d * ema + (1 - d) * model`` for floating tensors, a copy for the others (counters).
+
+        Each side is one ``torch._foreach_*`` call over all tensors: a few kernels per update on a GPU
+        instead of two per tensor (hundreds for yolov9-c)."""
         self.updates += 1
         d = self.current_decay()
         source = unwrap(model).state_dict()
+        blend, blend_from, copy_to, copy_from = [], [], [], []
         for name, value in self.module.state_dict().items():
-            if value.dtype.is_floating_point:
-                value.mul_(d).add_(source[name].detach(), alpha=1 - d)
-            else:
-                value.copy_(source[name])
+            floating = value.dtype.is_floating_point
+            (blend if floating else copy_to).append(value)
+            (blend_from if floating else copy_from).append(source[name])
+        if blend:
+            torch._foreach_mul_(blend, d)
+            torch._foreach_add_(blend, blend_from, alpha=1 - d)
+        if copy_to:
+            torch._foreach_copy_(copy_to, copy_from)
 
     def state_dict(self) -> dict:
         return {"model": self.module.state_dict(), "updates": self.updates}
@@ -47,5 +56,11 @@ class ModelEMA:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+    """The model inside ``torch.compile`` and DistributedDataParallel wrappers (or the model itself)."""
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            return model

@@ -53,7 +53,9 @@ def _branch(ch: Sequence[int], nc: int, reg_max: int) -> tuple[nn.ModuleList, nn
     return box, cls
 
 
-def anchor_grid(maps: Sequence[torch.Tensor], strides: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def anchor_grid(
+    maps: Sequence[torch.Tensor], strides: Sequence[float] | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cell-centre anchors ``(A, 2)`` in grid units and the stride ``(A, 1)`` of each anchor."""
     points, stride_of = [], []
     for m, s in zip(maps, strides, strict=True):

@@ -176,6 +176,13 @@ class DualDetectionLoss:
                 total = total + self.weights[name] * term
         return total * global_batch, parts
 
+    def compile(self, backend: str = "inductor") -> None:
+        """``torch.compile`` the per-branch work (decoding, assignment, loss sums) in place. With dynamic
+        shapes: the number of boxes changes from batch to batch; the distributed all-reduce and the
+        checks on CPU-side targets stay eager."""
+        for name in ("_decode", "_assign", "_branch_sums"):
+            setattr(self, name, torch.compile(getattr(self, name), backend=backend, dynamic=True))
+
     def _branches(self, outputs: Sequence) -> dict[str, list[torch.Tensor]]:
         nl = len(self.info.strides)
         if isinstance(outputs, torch.Tensor):
@@ -200,7 +207,7 @@ class DualDetectionLoss:
         flat = torch.cat([m.reshape(b, expected, -1) for m in maps], 2).float()
         dist_logits, cls_logits = flat.split((4 * r, c), 1)
         dist_logits = dist_logits.view(b, 4, r, -1)
-        anchors, stride = anchor_grid(maps, torch.tensor(self.info.strides))
+        anchors, stride = anchor_grid(maps, self.info.strides)  # floats: nothing to read back
         anchors, stride = anchors.float(), stride.float()
         with torch.no_grad():
             bins = torch.arange(r, dtype=torch.float, device=flat.device)  # made there: no copy

@@ -123,6 +123,7 @@ class DetectionModel(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.sources: list[From] = list(sources)
         self.name = name
+        self._max_stride: int | None = None  # set on the first forward, when the strides are measured
         self.save = {j for i, f in enumerate(self.sources) for j in _absolute(i, f)}
 
     @property
@@ -158,7 +159,12 @@ class DetectionModel(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(x.shape)}")
-        stride = int(self.head.stride.max().item())
+        if torch.compiler.is_compiling():
+            return  # reading the stride would split the graph; a bad size fails in the layers there
+        if self._max_stride is None:
+            # read once: the strides are a buffer, on the GPU in training, and each read would wait for it
+            self._max_stride = int(self.head.stride.max().item())
+        stride = self._max_stride
         h, w = x.shape[2:]
         if h % stride or w % stride:
             raise ValueError(f"input size {h}x{w} is not a multiple of the model stride {stride}")

@@ -1,10 +1,15 @@
 """One epoch of optimisation steps: AMP forward, the dual loss, gradient accumulation to the nominal
 batch (DDP's gradient all-reduce only on the boundary step), clipping, the optimizer and the EMA.
 
-A step whose loss is not finite is skipped: no backward, no optimizer or EMA update, the BatchNorm
-running statistics its forward changed are put back, and the accumulation window it was part of is
-dropped. So is a window whose gradients are not finite. Every rank takes the same decision (one small
-all-reduce per step, which also carries a stop request), so DDP never waits on a rank that skipped.
+A step whose loss is not finite is skipped: no optimizer or EMA update, the BatchNorm running
+statistics its forward changed are put back, and the accumulation window it was part of is dropped. So
+is a window whose gradients are not finite. Every rank takes the same decision (one small all-reduce per
+step, which also carries a stop request), so DDP never waits on a rank that skipped.
+
+Host syncs. The step reads one small flag tensor back from the device, once, after the backward and the
+gradient clipping: [loss not finite, stop requested, gradients not finite]. Nothing else in the step
+(the loss, the assigner, the clipping) waits for the device, so on a GPU the host queues the next
+step's work while this one runs. The price: the backward of a non-finite loss runs before it is skipped.
 """
 
 from __future__ import annotations
@@ -134,7 +139,7 @@ def train_one_epoch(
             continue
         wait += time.perf_counter() - fetch_start
         images = images.to(state.device, non_blocking=True, memory_format=torch.channels_last).float() / 255
-        targets = targets.to(state.device)
+        # targets stay on the CPU: the loss checks their values there and copies them without blocking
         state.schedule.apply(state.optimizer, state.epoch, state.step)
         accumulate = state.schedule.accumulate_at(state.step, cfg.nominal_batch, state.global_batch)
         boundary = state.step + 1 - last_optimizer_step >= accumulate or i == steps - 1
@@ -144,19 +149,30 @@ def train_one_epoch(
         with sync:
             with torch.autocast(state.device.type, dtype=state.amp, enabled=state.amp is not None):
                 loss, parts = state.loss_fn(model(images), targets)
-            # the one host sync per step: [this rank's loss is not finite, a stop was requested], agreed
-            stop_flag = torch.tensor(float(stop_requested()), device=loss.device)
-            flags = torch.stack([(~torch.isfinite(loss.detach())).float(), stop_flag])
-            local_bad = flags[0].clone() if distributed else flags[0]
-            if distributed:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            bad, stop = (bool(v) for v in flags.tolist())
-            if not bad:
-                state.scaler.scale(loss).backward()
+            # every rank runs the backward (DDP all-reduces on the boundary); a bad step drops it below
+            state.scaler.scale(loss).backward()
+        grad_norm = unscale_and_clip(state) if boundary else None
+        # the one host sync per step: [this rank's loss is not finite, a stop was requested, the
+        # gradients (equal on every rank after the all-reduce) are not finite], agreed by all ranks
+        flags = torch.stack(
+            [
+                (~torch.isfinite(loss.detach())).float(),
+                torch.full((), float(stop_requested()), device=loss.device),  # a fill: no host-to-device copy
+                (~torch.isfinite(grad_norm)).float()
+                if grad_norm is not None
+                else torch.zeros((), device=loss.device),
+            ]
+        )
+        local_bad = flags[0].clone() if distributed else flags[0]
+        if distributed:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad, stop, bad_grads = (bool(v) for v in flags.tolist())
         where = f"epoch {state.epoch + 1}, step {state.step}"
         if bad:
             bn.restore()
             state.optimizer.zero_grad(set_to_none=True)  # the window's other gradients go too
+            if grad_norm is not None and state.scaler.is_enabled():
+                state.scaler.update()  # closes the unscale_ above (and backs the fp16 scale off)
             last_optimizer_step = state.step + 1
             skipped += 1
             if local_bad.item():
@@ -166,7 +182,7 @@ def train_one_epoch(
             guard.skipped(f"non-finite loss at {where}")
         else:
             if boundary:
-                outcome = optimizer_step(state)
+                outcome = optimizer_step(state, grads_finite=not bad_grads)
                 last_optimizer_step = state.step + 1
                 if outcome == "nonfinite":
                     skipped += 1
@@ -199,14 +215,19 @@ def train_one_epoch(
     )
 
 
-def optimizer_step(state: TrainState) -> str:
-    """Unscale, clip, step, clear the gradients and update the EMA. Returns ``"ok"``, ``"nonfinite"``
+def unscale_and_clip(state: TrainState) -> torch.Tensor:
+    """Unscale the gradients (fp16) and clip their norm to ``train.clip_grad_norm``; returns the norm
+    before clipping as a device tensor (not read here: the step reads it with its other flags)."""
+    state.scaler.unscale_(state.optimizer)
+    return torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.cfg.train.clip_grad_norm)
+
+
+def optimizer_step(state: TrainState, grads_finite: bool) -> str:
+    """Step on the clipped gradients, clear them and update the EMA. Returns ``"ok"``, ``"nonfinite"``
     (gradients not finite without a loss scaler: nothing updated) or ``"amp_skipped"`` (the fp16 scaler
     found an overflow and skipped the step, as it is built to; the EMA is not updated either)."""
-    state.scaler.unscale_(state.optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.cfg.train.clip_grad_norm)
     if not state.scaler.is_enabled():
-        if not torch.isfinite(norm):  # the same on every rank: the gradients were all-reduced
+        if not grads_finite:  # the same on every rank: the gradients were all-reduced
             state.optimizer.zero_grad(set_to_none=True)
             return "nonfinite"
         state.optimizer.step()
