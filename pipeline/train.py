@@ -135,14 +135,25 @@ def resume_checkpoint(latest: ray.train.Checkpoint | None) -> TrainingCheckpoint
 def report_epoch(state: TrainState, metrics: dict[str, float]) -> None:
     """Report the epoch to Ray Train. Rank 0 reports the metrics and the checkpoint (every rank holds the
     same weights) with the epoch's pictures beside it; the others report nothing, which keeps Ray's
-    per-report log line short."""
+    per-report log line short.
+
+    The checkpoint is written to a local folder (the snapshot: training may change the weights right
+    after) and uploaded by Ray Train in the background: a yolov9-c/e checkpoint with EMA and optimizer
+    state is hundreds of megabytes, and its upload to object storage must not hold the GPUs. Ray deletes
+    the folder once uploaded; the report reaches the callbacks (metrics, MLflow, Tune) then.
+    """
     if state.rank != 0:
         ray.train.report({}, checkpoint=None)
         return
-    with tempfile.TemporaryDirectory() as d:
-        save_checkpoint(d, state.checkpoint(metrics))
-        write_epoch_artifacts(state, d)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    d = tempfile.mkdtemp(prefix="yolov9-checkpoint-")
+    save_checkpoint(d, state.checkpoint(metrics))
+    write_epoch_artifacts(state, d)
+    ray.train.report(
+        metrics,
+        checkpoint=ray.train.Checkpoint.from_directory(d),
+        checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+        delete_local_checkpoint_after_upload=True,
+    )
 
 
 def report_stop(state: TrainState) -> None:
