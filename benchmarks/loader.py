@@ -5,6 +5,11 @@ re-implementation of the reference pipeline's per-sample work (decode 4 images, 
 2*imgsz canvas, warp that canvas, split/merge HSV), and this project's loader for each worker count.
 samples_per_s is wall-clock; samples_per_s_per_core is per CPU second of the loader's processes (the main
 one and its workers), so it holds on a shared host.
+
+With ``--shards`` a URL (``s3://bucket/shards/train-manifest.json``; endpoint and credentials from the
+AWS_* environment), the split is first copied to a local temporary folder and every loader figure is
+printed twice, ``"storage": "local"`` (from that copy) and ``"storage": "remote"`` (streamed from the URL),
+so the two rates come from one run on the same host.
 Usage: python benchmarks/loader.py [--shards MANIFEST] [--images 256] [--workers 0,1,2] [--imgsz 640]
 """
 
@@ -23,6 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pipeline import storage
 from pipeline.data import read_manifest
 from pipeline.data.augment import AugmentConfig
 from pipeline.data.loader import make_train_loader
@@ -74,6 +80,16 @@ def write_benchmark_shards(root: Path, images: int, per_shard: int = 64, seed: i
     path = root / "train-manifest.json"
     path.write_text(json.dumps(manifest))
     return path
+
+
+def copy_split(manifest_url: str, folder: Path) -> Path:
+    """Copy a remote manifest and its shards into ``folder``; returns the local manifest path."""
+    manifest = read_manifest(manifest_url)
+    for shard, url in zip(manifest.shards, manifest.shard_urls, strict=True):
+        storage.write_bytes(folder / shard.name, storage.read_bytes(url))
+    local = folder / manifest_url.rsplit("/", 1)[-1]
+    storage.write_bytes(local, storage.read_bytes(manifest_url))
+    return local
 
 
 def jpeg_payloads(manifest_path: Path) -> list[bytes]:
@@ -145,7 +161,7 @@ def tree_cpu_seconds() -> float:
 
 
 def loader_rate(
-    manifest_path: Path, workers: int, mosaic: bool, imgsz: int, batch: int, steps: int
+    manifest_path: storage.Location, workers: int, mosaic: bool, imgsz: int, batch: int, steps: int
 ) -> tuple[float, float]:
     """(samples per wall second, samples per CPU second of this process and its loader workers) of
     make_train_loader over ``steps`` batches, timed after each worker's first batch (process start and
@@ -173,7 +189,9 @@ def emit(**fields: object) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--shards", type=Path, help="a train manifest to read instead of synthetic shards")
+    parser.add_argument(
+        "--shards", help="a train manifest (path or URL, e.g. s3://...) to read instead of synthetic shards"
+    )
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--workers", default="0,1,2", help="0: in-process, per-core rate from CPU time")
     parser.add_argument("--imgsz", type=int, default=640)
@@ -190,8 +208,15 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = args.shards or write_benchmark_shards(Path(tmp), args.images)
-        payloads = jpeg_payloads(manifest)
+        if args.shards is None:
+            sources: list[tuple[str, storage.Location]] = [
+                ("local", write_benchmark_shards(Path(tmp), args.images))
+            ]
+        elif storage.is_url(args.shards):
+            sources = [("local", copy_split(args.shards, Path(tmp))), ("remote", args.shards)]
+        else:
+            sources = [("local", Path(args.shards))]
+        payloads = jpeg_payloads(sources[0][1])
         rate = decode_rate(payloads, args.seconds)
         emit(
             variant="decode-only",
@@ -206,11 +231,12 @@ def main() -> None:
         )  # fmt: skip
         for workers in (int(w) for w in args.workers.split(",")):
             for mosaic in (True, False):
-                wall, cpu = loader_rate(manifest, workers, mosaic, args.imgsz, args.batch, args.steps)
-                emit(
-                    workers=workers, mosaic=mosaic, samples_per_s=round(wall, 1),
-                    samples_per_s_per_core=round(cpu, 1), cores=cores,
-                )  # fmt: skip
+                for kind, manifest in sources:
+                    wall, cpu = loader_rate(manifest, workers, mosaic, args.imgsz, args.batch, args.steps)
+                    emit(
+                        storage=kind, workers=workers, mosaic=mosaic, samples_per_s=round(wall, 1),
+                        samples_per_s_per_core=round(cpu, 1), cores=cores,
+                    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 from pipeline.errors import PipelineError
 
 Location = str | Path
+REMOTE_READ_BUFFER = 8 * 2**20  # bytes per request when streaming from an object store
 # pyarrow's type names of file systems whose URL scheme differs from the name
 _SCHEMES = {"gcs": "gs"}
 
@@ -139,10 +140,15 @@ def read_bytes(location: Location) -> bytes:
 
 
 def open_input(location: Location) -> pafs.NativeFile:
-    """A binary stream reading ``location`` front to back (what a tar reader needs), not seekable."""
+    """A binary stream reading ``location`` front to back (what a tar reader needs), not seekable.
+
+    Remote streams read ahead ``REMOTE_READ_BUFFER`` bytes at a time: unbuffered, every small read of the
+    tar reader would be an HTTP range request of its own."""
     fs, path = filesystem(location)
     try:
-        return fs.open_input_stream(path)
+        if isinstance(fs, pafs.LocalFileSystem):
+            return fs.open_input_stream(path)
+        return fs.open_input_stream(path, buffer_size=REMOTE_READ_BUFFER)
     except OSError as e:
         raise _failure(location, fs, path, e) from e
 
