@@ -85,7 +85,7 @@ class TrainConfig:
     ema_tau: float = 2000.0
     close_mosaic: int = 15
     amp: str = "auto"  # auto | bf16 | fp16 | off (always off on CPU)
-    compile: bool = False  # torch.compile the model and the loss (first steps slower: compilation)
+    compile: bool = False  # torch.compile the model (the first steps pay the compilation)
     seed: int = 0
     val_every: int = 1
     keep_checkpoints: int = 3

@@ -176,13 +176,6 @@ class DualDetectionLoss:
                 total = total + self.weights[name] * term
         return total * global_batch, parts
 
-    def compile(self, backend: str = "inductor") -> None:
-        """``torch.compile`` the per-branch work (decoding, assignment, loss sums) in place. With dynamic
-        shapes: the number of boxes changes from batch to batch; the distributed all-reduce and the
-        checks on CPU-side targets stay eager."""
-        for name in ("_decode", "_assign", "_branch_sums"):
-            setattr(self, name, torch.compile(getattr(self, name), backend=backend, dynamic=True))
-
     def _branches(self, outputs: Sequence) -> dict[str, list[torch.Tensor]]:
         nl = len(self.info.strides)
         if isinstance(outputs, torch.Tensor):

@@ -191,13 +191,13 @@ def build_train_state(
 
 
 def compile_for_training(state: TrainState, backend: str = "inductor") -> None:
-    """``torch.compile`` the (wrapped) model and the loss's per-branch work in place (``train.compile``).
+    """``torch.compile`` the (wrapped) model in place (``train.compile``); ``backend`` is torch.compile's.
 
-    Compilation is lazy: the first step of each input shape pays it. The loss compiles with dynamic
-    shapes, since the number of boxes changes from batch to batch. ``backend`` is torch.compile's.
+    Compilation is lazy: the first step of each input shape pays it. The loss stays eager: compiled with
+    dynamic shapes (its box count changes every batch), its graphs read sizes back from the device
+    (``.item()`` calls counted by HostSyncCounter on a CPU), which is what it is written to avoid.
     """
     state.model = torch.compile(state.model, backend=backend)
-    state.loss_fn.compile(backend)
 
 
 def restore(state: TrainState, checkpoint: TrainingCheckpoint) -> None:
