@@ -102,4 +102,4 @@ def test_the_console_script_runs_the_same_jobs(tmp_path):
 def test_the_console_script_lists_its_commands(tmp_path):
     result = subprocess.run([str(Path(sys.executable).parent / "yolov9-ray")], capture_output=True, text=True)
     assert result.returncode == USER_ERROR_EXIT
-    assert "{train,tune,register,predict,evaluate,make-shards,sync-tracking}" in result.stderr
+    assert "{train,tune,register,predict,evaluate,make-shards,sync-tracking,report}" in result.stderr
