@@ -58,7 +58,12 @@ RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 # Ray Train settings for a Ray instance on this one machine. The preemption watcher is one more actor
 # process per run (seconds of start-up on a small machine) watching for the drain of a node that an
 # autoscaler is about to take back, and no autoscaler drains the only node of a local instance.
-LOCAL_RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# A local instance is a laptop or a CI machine: its worker processes import torch on few, busy cores,
+# and Ray Train's 60 s for a worker group to start was seen running out (a search trial errored).
+LOCAL_RAY_TRAIN_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
+}
 
 
 def ensure_ray(address: str | None) -> None:
