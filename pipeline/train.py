@@ -237,23 +237,32 @@ class MlflowEpochLogger(ray.train.UserCallback):
 
     mlflow is imported at the first report, not with this module: Ray Train unpickles the run's callbacks
     in every worker too, where importing mlflow would add seconds to each worker's start.
+
+    ``drain_s``: how long a report waits for its records to be sent (0: not at all). A Tune trial needs it:
+    the scheduler may stop the trial as soon as it sees the report, killing this callback's thread with the
+    epoch still queued (seen: an ASHA-stopped trial's run without metrics).
     """
 
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
-        self.tracking_uri, self.run_id = tracking_uri, run_id
+    def __init__(self, tracking_uri: str, run_id: str, drain_s: float = 0.0) -> None:
+        self.tracking_uri, self.run_id, self.drain_s = tracking_uri, run_id, drain_s
         self._outbox: Any = None
-        self._wake = threading.Event()
+        self._wake, self._drained = threading.Event(), threading.Event()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id}
+        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "drain_s": self.drain_s}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["tracking_uri"], state["run_id"])
+        self.__init__(state["tracking_uri"], state["run_id"], state["drain_s"])
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         try:
             if is_epoch_report(metrics):
+                self._drained.clear()
                 self._queue(metrics[0], checkpoint)
+                if self.drain_s > 0 and not self._drained.wait(self.drain_s):
+                    _controller_log().warning(
+                        "MLflow: epoch not sent within %.0f s, still queued", self.drain_s
+                    )
         except Exception as e:  # noqa: BLE001 -- a callback error would be a controller error
             _controller_log().warning("MLflow logging of this epoch failed: %s", e)
 
@@ -282,6 +291,8 @@ class MlflowEpochLogger(ray.train.UserCallback):
                     "MLflow %s unreachable for %.0f s (%s); training goes on, %d records queued",
                     self.tracking_uri, waited, self._outbox.last_error, len(self._outbox),
                 )  # fmt: skip
+            if len(self._outbox) == 0:
+                self._drained.set()
 
 
 def fit(
@@ -289,11 +300,13 @@ def fit(
     tracking: tuple[str, str] | None = None,
     loop_extras: dict[str, Any] | None = None,
     callbacks: list[ray.train.UserCallback] | None = None,
+    tracking_drain_s: float = 0.0,
 ) -> ray.train.Result:
     """Run ``train_worker`` on ``cfg.ray.num_workers`` Ray Train workers; resumes a run of the same name.
     Raises TrainingDiverged with the workers' one-line cause when the model diverged.
 
-    ``tracking`` is (MLflow tracking URI, run id) for per-epoch metrics. ``loop_extras`` adds keys
+    ``tracking`` is (MLflow tracking URI, run id) for per-epoch metrics, each report waiting up to
+    ``tracking_drain_s`` for them to be sent (see MlflowEpochLogger). ``loop_extras`` adds keys
     to the loop config (``step_hooks``: the fault injection of the tests). Exports ``RAY_TRAIN_ENV`` to
     this process's environment where the variables are unset, for Ray Train to pass on.
     """
@@ -303,7 +316,7 @@ def fit(
     if cfg.ray.use_gpu:
         resources["GPU"] = cfg.ray.gpus_per_worker
     # MLflow first: a Tune scheduler may end the trial as soon as it sees the report
-    logger = [MlflowEpochLogger(*tracking)] if tracking is not None else []
+    logger = [MlflowEpochLogger(*tracking, drain_s=tracking_drain_s)] if tracking is not None else []
     callbacks = [EpochPrinter(cfg.train.epochs), *logger, *(callbacks or [])]
     trainer = TorchTrainer(
         train_worker,

@@ -52,6 +52,9 @@ from pipeline.train_job import prepare_data, run_training
 from pipeline.weights_source import resolve_weights
 
 log = logging.getLogger(__name__)
+# Each epoch report of a trial waits up to this long for its MLflow records to be sent: ASHA may stop the
+# trial as soon as it sees the report. Bounded so that an unreachable server only slows a trial down.
+TRIAL_TRACKING_DRAIN_S = 30.0
 DEFAULT_SPACE: dict[str, dict[str, list]] = {
     "loss.aux_weight": {"uniform": [0.1, 1.0]},
     "loss.lead_weight": {"uniform": [0.25, 1.0]},
@@ -157,7 +160,12 @@ def _trial(config: dict[str, Any]) -> None:
     client.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
     try:
         cfg = trial_config(config["base"], params, run_name)
-        result = fit(cfg, tracking=(config["tracking_uri"], run_id), callbacks=[TuneReportCallback()])
+        result = fit(
+            cfg,
+            tracking=(config["tracking_uri"], run_id),
+            callbacks=[TuneReportCallback()],
+            tracking_drain_s=TRIAL_TRACKING_DRAIN_S,
+        )
         send_missing_epochs(config["tracking_uri"], run_id, result)
     except BaseException:
         client.set_tag(run_id, names.TRIAL_STATUS_TAG, "errored")

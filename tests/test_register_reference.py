@@ -27,7 +27,7 @@ REFERENCE = (
     / "fixtures"
     / "reference-checkpoints"
     / "gelan-t-nc3.pt"
-)
+).resolve()  # canonical: resolved sources are compared with it (../shared may be a symlink)
 
 
 @pytest.fixture(scope="module")
