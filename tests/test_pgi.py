@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import load_config
 from pipeline.pgi import gradient_stats, pgi_diagnostics, plot_pgi
 from pipeline.training import TrainingData, build_train_state, run_epoch
+from tests.test_engine import config as engine_config
 
 CPU = torch.device("cpu")
 T_STAGES = ["backbone_p1", "backbone_p2", "backbone_p3", "backbone_p4", "backbone_p5", "neck_p3", "neck_p4",
@@ -65,22 +65,8 @@ def test_the_plot_draws_runs_without_an_aux_gradient(epoch, tmp_path):
 
 
 def config(shards, *extra: str):
-    return load_config(
-        None,
-        [
-            "model.name=yolov9-t",
-            f"data.root={shards}",
-            "data.num_workers=0",
-            "data.shuffle_buffer=8",
-            "train.epochs=2",
-            "train.batch_size=4",
-            "train.imgsz=64",
-            "train.close_mosaic=1",
-            "train.steps_per_epoch=2",
-            "train.warmup_min_steps=2",
-            *extra,
-        ],
-    )
+    """The engine tests' tiny config with a batch of 4 (the diagnostics use half a batch)."""
+    return engine_config(shards, "train.batch_size=4", *extra)
 
 
 def test_yolov9_t_with_aux_weight_0_gets_no_aux_gradient_in_any_stage(tiny_shards):
