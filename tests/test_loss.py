@@ -189,6 +189,10 @@ def worker_gradient(rank: int, world: int, port: int, out: dict) -> None:
     DualDetectionLoss(INFO)(model(index), local)[0].backward()
     if rank == 0:
         out["grads"] = [p.grad.clone() for p in model.module.maps]
+    # Without the barrier and the release of DDP's reducer first, a rank that leaves early can tear gloo's
+    # threads down under the other one (std::terminate, SIGABRT: seen once in CI).
+    dist.barrier()
+    del model
     dist.destroy_process_group()
 
 
