@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import multiprocessing
 import tarfile
 from pathlib import Path
 
@@ -382,3 +383,39 @@ def test_batches_made_in_a_worker_process_equal_the_in_process_ones(tmp_path):
     for (images_a, targets_a), (images_b, targets_b) in zip(in_process, from_worker, strict=True):
         assert images_b.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(images_a, images_b) and torch.equal(targets_a, targets_b)
+
+
+def train_loader(manifest, num_workers: int, epoch: int, mosaic: bool = True):
+    return make_train_loader(
+        manifest, batch_size=2, imgsz=64, rank=0, world_size=1, num_workers=num_workers, epoch=epoch,
+        seed=3, augment=AugmentConfig(), mosaic=mosaic, steps_per_epoch=4,
+    )  # fmt: skip
+
+
+def test_a_loader_moved_to_the_next_epoch_gives_that_epochs_batches(tmp_path):
+    manifest = read_manifest(write_split(tmp_path, [5, 5]))
+    kept = train_loader(manifest, num_workers=2, epoch=0)
+    list(kept)
+    kept.set_epoch(1, mosaic=False)
+    for (ia, ta), (ib, tb) in zip(kept, train_loader(manifest, 2, epoch=1, mosaic=False), strict=True):
+        assert torch.equal(ia, ib) and torch.equal(ta, tb)
+
+
+def test_train_workers_are_started_once_for_all_epochs(tmp_path):
+    manifest = read_manifest(write_split(tmp_path, [5, 5]))
+    loader = train_loader(manifest, num_workers=2, epoch=0)
+    before = {p.pid for p in multiprocessing.active_children()}
+    list(loader)
+    workers = {p.pid for p in multiprocessing.active_children()} - before
+    loader.set_epoch(1, mosaic=True)
+    list(loader)
+    assert len(workers) == 2
+    assert {p.pid for p in multiprocessing.active_children()} - before == workers
+
+
+def test_a_val_loader_has_no_epochs(tmp_path):
+    loader = make_val_loader(
+        read_manifest(write_split(tmp_path, [4], split="val")), 2, 64, 0, 1, num_workers=0
+    )
+    with pytest.raises(TypeError, match="only a train loader"):
+        loader.set_epoch(1, mosaic=False)

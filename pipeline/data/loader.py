@@ -22,7 +22,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import cv2
@@ -298,11 +298,20 @@ def _targets(boxes: list[np.ndarray], classes: list[np.ndarray]) -> torch.Tensor
 
 
 class _TrainStream(IterableDataset):
+    """The epoch and the mosaic switch live in a shared-memory tensor, not in the spec: DataLoader workers
+    that persist across epochs hold a copy of this object made when they started, and read the current
+    epoch from that tensor each time an iteration starts."""
+
     def __init__(self, spec: _TrainSpec) -> None:
         self.spec = spec
+        self._epoch_mosaic = torch.tensor([spec.epoch, int(spec.mosaic)], dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int, mosaic: bool) -> None:
+        self._epoch_mosaic[0], self._epoch_mosaic[1] = epoch, int(mosaic)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, _Counts, list[int]]]:
-        spec = self.spec
+        epoch, mosaic = self._epoch_mosaic.tolist()
+        spec = replace(self.spec, epoch=epoch, mosaic=bool(mosaic))
         worker, num_workers = _worker()
         errors = ErrorCounts()
         rng = np.random.default_rng([spec.seed, spec.epoch, spec.rank, worker, 1])
@@ -366,7 +375,8 @@ class Loader:
     Yields (a, b); ``stats()`` = {"corrupt_samples", "shard_errors"} summed over the workers' latest counts;
     ``last_image_ids()`` the image ids of the batch yielded last (of a train batch: each image's main
     sample, mosaic partners aside). ``len()`` is the number of batches when known in advance (train:
-    steps_per_epoch).
+    steps_per_epoch). A train loader is iterated once per epoch, after ``set_epoch``; its workers start on
+    the first iteration and stay up until the loader is dropped.
     """
 
     def __init__(self, dataloader: DataLoader, length: int | None) -> None:
@@ -387,6 +397,13 @@ class Loader:
             self._ids = [int(i) for i in ids]
             yield a, b
 
+    def set_epoch(self, epoch: int, mosaic: bool) -> None:
+        """Epoch (shard order, augmentation draws) and mosaic switch of the next iteration (train only)."""
+        dataset = self._dataloader.dataset
+        if not isinstance(dataset, _TrainStream):
+            raise TypeError("only a train loader has epochs")
+        dataset.set_epoch(epoch, mosaic)
+
     def last_image_ids(self) -> list[int]:
         return list(self._ids)
 
@@ -400,12 +417,12 @@ class Loader:
         return {"corrupt_samples": totals[0], "shard_errors": totals[1]}
 
 
-def _dataloader(dataset: IterableDataset, num_workers: int) -> DataLoader:
+def _dataloader(dataset: IterableDataset, num_workers: int, persistent: bool = False) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=None,
         num_workers=num_workers,
-        persistent_workers=False,
+        persistent_workers=persistent and num_workers > 0,
         pin_memory=torch.cuda.is_available(),
         collate_fn=_identity,
     )
@@ -441,9 +458,10 @@ def make_train_loader(
     steps_per_epoch: int,
     shuffle_buffer: int = 256,
 ) -> Loader:
-    """Augmented training batches of one rank for one epoch: exactly ``steps_per_epoch`` of
-    (images uint8 (B, 3, imgsz, imgsz) RGB, targets float32 (M, 6) [index in batch, class, x1, y1, x2, y2]
-    pixels of the imgsz x imgsz image). Shard order and augmentation are fixed by (seed, epoch, rank)."""
+    """Augmented training batches of one rank, exactly ``steps_per_epoch`` of (images uint8 (B, 3, imgsz,
+    imgsz) RGB, targets float32 (M, 6) [index in batch, class, x1, y1, x2, y2] pixels of the imgsz x imgsz
+    image) per iteration. Shard order and augmentation are fixed by (seed, epoch, rank). The first iteration
+    is ``epoch``'s; ``Loader.set_epoch`` moves it on, and the worker processes persist across epochs."""
     _check_common(manifest, batch_size, imgsz, num_workers)
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
@@ -466,7 +484,7 @@ def make_train_loader(
     partition(list(range(len(spec.urls))), rank, world_size, 0, max(num_workers, 1))  # fail early on bad ids
     # A worker with no batch to make would still start and read shards; don't spawn it.
     workers = min(num_workers, steps_per_epoch)
-    return Loader(_dataloader(_TrainStream(spec), workers), steps_per_epoch)
+    return Loader(_dataloader(_TrainStream(spec), workers, persistent=True), steps_per_epoch)
 
 
 def make_val_loader(

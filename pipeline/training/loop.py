@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline import names
-from pipeline.data.loader import make_train_loader, make_val_loader
+from pipeline.data.loader import Loader, make_train_loader, make_val_loader
 from pipeline.pgi import pgi_diagnostics
 from pipeline.training.preemption import StopRequested
 from pipeline.training.state import TrainState
@@ -54,20 +54,7 @@ def run_epoch(
     epoch so that every copy of it sent to MLflow is the same record."""
     cfg = state.cfg
     mosaic = state.epoch < cfg.train.epochs - cfg.train.close_mosaic
-    loader = make_train_loader(
-        state.data.train,
-        batch_size=cfg.train.batch_size,
-        imgsz=cfg.train.imgsz,
-        rank=state.rank,
-        world_size=state.world,
-        num_workers=cfg.data.num_workers,
-        epoch=state.epoch,
-        seed=cfg.train.seed,
-        augment=cfg.data.augment,
-        mosaic=mosaic,
-        steps_per_epoch=state.steps_per_epoch,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-    )
+    loader = train_loader(state, mosaic)
     stats = train_one_epoch(state, loader, hooks, guard=guard, batch_ids=loader.last_image_ids)
     metrics = {f"{names.TRAIN_PREFIX}{k}": v for k, v in stats.losses.items()}
     # skipped samples are summed over ranks: the mean times the world size
@@ -101,6 +88,29 @@ def run_epoch(
     metrics[names.EPOCH_END_TIME] = time.time()
     state.history.append({k: float(v) for k, v in metrics.items()})
     return metrics
+
+
+def train_loader(state: TrainState, mosaic: bool) -> Loader:
+    """The run's train loader set to ``state.epoch``: made on the first call, so that its DataLoader
+    workers (and their decoded shuffle buffers' processes) are started once per run, not once per epoch."""
+    cfg = state.cfg
+    if state.train_loader is None:
+        state.train_loader = make_train_loader(
+            state.data.train,
+            batch_size=cfg.train.batch_size,
+            imgsz=cfg.train.imgsz,
+            rank=state.rank,
+            world_size=state.world,
+            num_workers=cfg.data.num_workers,
+            epoch=state.epoch,
+            seed=cfg.train.seed,
+            augment=cfg.data.augment,
+            mosaic=mosaic,
+            steps_per_epoch=state.steps_per_epoch,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+        )
+    state.train_loader.set_epoch(state.epoch, mosaic)
+    return state.train_loader
 
 
 def validate(state: TrainState) -> dict[str, float]:

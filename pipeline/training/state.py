@@ -16,6 +16,7 @@ from torch import nn
 from pipeline.checkpoint import TrainingCheckpoint
 from pipeline.config import Config
 from pipeline.data import Manifest, read_manifest
+from pipeline.data.loader import Loader
 from pipeline.data.manifest import coco_json_path, manifest_path
 from pipeline.ema import ModelEMA, unwrap
 from pipeline.optimizer import Schedule, build_sgd, images_per_step, linear_scale
@@ -74,6 +75,7 @@ class TrainState:
     step: int = 0
     best_map: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
+    train_loader: Loader | None = field(default=None, repr=False)  # made by the first epoch, kept for the run
 
     @property
     def num_classes(self) -> int:
