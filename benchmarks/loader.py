@@ -10,6 +10,8 @@ With ``--shards`` a URL (``s3://bucket/shards/train-manifest.json``; endpoint an
 AWS_* environment), the split is first copied to a local temporary folder and every loader figure is
 printed twice, ``"storage": "local"`` (from that copy) and ``"storage": "remote"`` (streamed from the URL),
 so the two rates come from one run on the same host.
+For each worker count it also prints ``first_batch_s``: how long an epoch waits for its first batch when
+the workers start (epoch 0), persist (epoch 1, this loader) or are started again (epoch 1, a new loader).
 Usage: python benchmarks/loader.py [--shards MANIFEST] [--images 256] [--workers 0,1,2] [--imgsz 640]
 """
 
@@ -183,6 +185,37 @@ def loader_rate(
     return seen / (time.perf_counter() - start), seen / (cpu_end - cpu_start)
 
 
+def first_batch_seconds(
+    manifest_path: storage.Location, workers: int, imgsz: int, batch: int
+) -> dict[str, float]:
+    """Seconds from the start of an epoch's iteration to its first batch: epoch 0 (the workers start),
+    epoch 1 on the same loader (its workers persist) and epoch 1 on a new loader (workers started again).
+    Each includes the shuffle-buffer fill, which every epoch pays."""
+    manifest = read_manifest(manifest_path)
+
+    def loader(epoch: int):
+        return make_train_loader(
+            manifest, batch_size=batch, imgsz=imgsz, rank=0, world_size=1, num_workers=workers,
+            epoch=epoch, seed=0, augment=AugmentConfig(), mosaic=True, steps_per_epoch=workers,
+        )  # fmt: skip
+
+    def first_batch(epoch_batches) -> float:
+        start = time.perf_counter()
+        batches = iter(epoch_batches)
+        next(batches)
+        elapsed = time.perf_counter() - start
+        for _ in batches:  # the epoch ends as in training
+            pass
+        return elapsed
+
+    kept = loader(0)
+    figures = {"epoch0": first_batch(kept)}
+    kept.set_epoch(1, mosaic=True)
+    figures["epoch1_persistent"] = first_batch(kept)
+    figures["epoch1_restarted"] = first_batch(loader(1))
+    return {k: round(v, 3) for k, v in figures.items()}
+
+
 def emit(**fields: object) -> None:
     print(json.dumps({"bench": "loader", **fields}), flush=True)
 
@@ -237,6 +270,9 @@ def main() -> None:
                         storage=kind, workers=workers, mosaic=mosaic, samples_per_s=round(wall, 1),
                         samples_per_s_per_core=round(cpu, 1), cores=cores,
                     )  # fmt: skip
+            if workers > 0:
+                seconds = first_batch_seconds(sources[0][1], workers, args.imgsz, args.batch)
+                emit(figure="first_batch_s", workers=workers, **seconds)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.air.constants import EXPR_ERROR_FILE
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
 from pipeline import names, storage
 from pipeline.checkpoint import load_checkpoint
@@ -139,34 +140,46 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], run_name: str) ->
     )
 
 
-def _trial(config: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class Search:
+    """What every trial of one search shares, handed to the trials beside their sampled params (so that
+    Tune's trial config, which it prints and stores with each result, is the sampled values alone)."""
+
+    name: str
+    base: dict[str, Any]  # the training config every trial starts from (``Config.to_dict()``)
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+def _trial(config: dict[str, Any], search: Search) -> None:
     """Tune function: one Ray Train run, metrics forwarded to Tune each epoch, tracked in a nested run."""
     context = tune.get_context()
     params = config["params"]
-    run_name = f"{config['search']}-{context.get_trial_id()}"
-    client = MlflowClient(config["tracking_uri"])
+    run_name = f"{search.name}-{context.get_trial_id()}"
+    client = MlflowClient(search.tracking_uri)
     run = client.create_run(
-        config["experiment_id"],
+        search.experiment_id,
         run_name=run_name,
         tags={
-            names.PARENT_RUN_TAG: config["parent_run_id"],
+            names.PARENT_RUN_TAG: search.parent_run_id,
             names.TRIAL_ID_TAG: context.get_trial_id(),
             names.TRIAL_STATUS_TAG: "running",
             # where the trial's weights started (empty: from scratch)
-            names.PRETRAINED_PATH_TAG: config["base"]["model"]["weights"] or "",
+            names.PRETRAINED_PATH_TAG: search.base["model"]["weights"] or "",
         },
     )
     run_id = run.info.run_id
     client.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
     try:
-        cfg = trial_config(config["base"], params, run_name)
+        cfg = trial_config(search.base, params, run_name)
         result = fit(
             cfg,
-            tracking=(config["tracking_uri"], run_id),
+            tracking=(search.tracking_uri, run_id),
             callbacks=[TuneReportCallback()],
             tracking_drain_s=TRIAL_TRACKING_DRAIN_S,
         )
-        send_missing_epochs(config["tracking_uri"], run_id, result)
+        send_missing_epochs(search.tracking_uri, run_id, result)
     except BaseException:
         client.set_tag(run_id, names.TRIAL_STATUS_TAG, "errored")
         client.set_terminated(run_id, status="FAILED")
@@ -204,15 +217,18 @@ def _scheduler(cfg: Config):
     raise SearchError(f"tune.scheduler must be asha or fifo, got {cfg.tune.scheduler!r}")
 
 
-def _search_alg(cfg: Config, space: dict[str, Any]):
+def search_algorithm(cfg: Config, space: dict[str, Any], concurrent: int):
+    """The search algorithm, seeded with ``train.seed`` so that the same config samples the same trials;
+    it also caps the trials run side by side at ``concurrent``."""
     if cfg.tune.search_alg in ("random", "grid"):
-        return None  # Tune's default variant generator: random samples, grid_search expanded
+        # Tune's variant generator: random samples, grid_search expanded
+        return BasicVariantGenerator(max_concurrent=concurrent, random_state=cfg.train.seed)
     if cfg.tune.search_alg == "optuna":
         if any(isinstance(v, dict) and "grid_search" in v for v in space.values()):
             raise SearchError("tune.search_alg optuna cannot take grid domains; use choice")
         from ray.tune.search.optuna import OptunaSearch  # optional dependency: pip install optuna
 
-        return OptunaSearch()
+        return ConcurrencyLimiter(OptunaSearch(seed=cfg.train.seed), max_concurrent=concurrent)
     raise SearchError(f"tune.search_alg must be random, grid or optuna, got {cfg.tune.search_alg!r}")
 
 
@@ -283,15 +299,9 @@ def run_search(cfg: Config) -> list[TrialRow]:
     exp_id, parent_id = _parent_run(client, cfg, resuming)
     # The trial function only drives its Ray Train run: it asks for a little memory and no CPU, so the
     # CPUs (and GPUs) all go to the trials' Ray Train workers.
-    trainable = tune.with_resources(_trial, {"memory": 64 * 2**20})
-    param_space = {
-        "params": space,
-        "base": base,
-        "search": cfg.tune.name,
-        "tracking_uri": uri,
-        "experiment_id": exp_id,
-        "parent_run_id": parent_id,
-    }
+    search = Search(cfg.tune.name, base, uri, exp_id, parent_id)
+    trainable = tune.with_resources(tune.with_parameters(_trial, search=search), {"memory": 64 * 2**20})
+    param_space = {"params": space}
     if resuming:
         log.info("resuming the search in %s", path)
         tuner = tune.Tuner.restore(path, trainable, param_space=param_space, resume_errored=False)
@@ -303,9 +313,8 @@ def run_search(cfg: Config) -> list[TrialRow]:
                 metric=cfg.tune.metric,
                 mode=cfg.tune.mode,
                 num_samples=cfg.tune.num_samples,
-                max_concurrent_trials=concurrent_trials(cfg),
                 scheduler=_scheduler(cfg),
-                search_alg=_search_alg(cfg, space),
+                search_alg=search_algorithm(cfg, space, concurrent_trials(cfg)),
             ),
             run_config=tune.RunConfig(name=cfg.tune.name, storage_path=cfg.ray.storage_path),
         )
@@ -455,7 +464,8 @@ def _log_summary(client: MlflowClient, parent_id: str, rows: list[TrialRow], cfg
                     ]
                 )
         client.log_artifact(parent_id, str(table))
-        client.log_artifact(parent_id, str(plot_trials(rows, cfg.tune.metric, Path(d) / "trials.png")))
+        plot = plot_trials(rank_trials(rows, cfg.tune.mode), cfg.tune.metric, Path(d) / "trials.png")
+        client.log_artifact(parent_id, str(plot))
         ranked = [r for r in rows if r.status != "errored" and r.checkpoint]
         if ranked:
             best = max(ranked, key=lambda r: r.best_map if cfg.tune.mode == "max" else -r.best_map)
@@ -472,17 +482,22 @@ def _log_summary(client: MlflowClient, parent_id: str, rows: list[TrialRow], cfg
     client.set_terminated(parent_id, status="FINISHED")
 
 
-def ranking_table(rows: list[TrialRow], mode: str = "max") -> str:
-    """The trials as a text table, best first (errored trials last): rank, trial, the searched values,
-    the best metric, epochs trained and status."""
-    keys = sorted({k for r in rows for k in r.params})
-    ranked = sorted(
+def rank_trials(rows: list[TrialRow], mode: str = "max") -> list[TrialRow]:
+    """Best first by the trial's best metric; errored trials and trials without the metric last."""
+    return sorted(
         rows,
         key=lambda r: (
             r.status == "errored" or math.isnan(r.best_map),
             -r.best_map if mode == "max" else r.best_map,
         ),
     )
+
+
+def ranking_table(rows: list[TrialRow], mode: str = "max") -> str:
+    """The trials as a text table, best first (errored trials last): rank, trial, the searched values,
+    the best metric, epochs trained and status."""
+    keys = sorted({k for r in rows for k in r.params})
+    ranked = rank_trials(rows, mode)
     header = ["rank", "trial", *keys, "best", "epochs", "status"]
     lines = [
         [
@@ -505,24 +520,37 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def plot_trials(rows: list[TrialRow], metric: str, path: Path) -> Path:
-    """Best metric of each trial against aux_weight, lead_weight and tal_topk (where searched)."""
+def plot_trials(ranked: list[TrialRow], metric: str, path: Path) -> Path:
+    """One panel per numeric searched key: each trial's best metric against its value, coloured by status
+    and labelled with its rank (``ranked`` is best first). A key whose values span more than 10x is drawn
+    on a log axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [
-        k
-        for k in ("loss.aux_weight", "loss.lead_weight", "loss.tal_topk")
-        if any(k in r.params for r in rows)
-    ] or sorted({k for r in rows for k in r.params})[:3]
+    keys = sorted(
+        {
+            k
+            for r in ranked
+            for k, v in r.params.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+    )
     fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(4 * max(len(keys), 1), 3.5), squeeze=False)
     colours = {"completed": "tab:green", "stopped early": "tab:orange", "errored": "tab:red"}
     for ax, key in zip(axes[0], keys, strict=False):
-        for r in rows:
-            if isinstance(r.params.get(key), (int, float)):
-                ax.scatter(r.params[key], r.best_map, c=colours[r.status], label=r.status)
+        values = []
+        for rank, r in enumerate(ranked, start=1):
+            value = r.params.get(key)
+            if isinstance(value, (int, float)) and not math.isnan(r.best_map):
+                ax.scatter(value, r.best_map, c=colours[r.status], label=r.status)
+                ax.annotate(
+                    str(rank), (value, r.best_map), textcoords="offset points", xytext=(4, 4), fontsize=8
+                )
+                values.append(value)
+        if values and min(values) > 0 and max(values) > 10 * min(values):
+            ax.set_xscale("log")
         ax.set_xlabel(key)
         ax.set_ylabel(metric)
         handles, labels = ax.get_legend_handles_labels()

@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from ray.tune.experiment import Experiment
 
 from pipeline import names
 from pipeline.config import load_config
-from pipeline.tune import SearchError, TrialRow, build_space, ranking_table, run_search
+from pipeline.tune import SearchError, TrialRow, build_space, ranking_table, run_search, search_algorithm
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -141,6 +142,19 @@ def test_an_unknown_search_key_fails_before_any_trial():
         build_space({"loss.aux_wieght": {"uniform": [0.1, 1.0]}}, cfg.to_dict())
     with pytest.raises(SearchError, match="expected one of"):
         build_space({"loss.aux_weight": {"between": [0.1, 1.0]}}, cfg.to_dict())
+
+
+def test_the_same_seed_samples_the_same_trials():
+    def first_trials(seed: int) -> list[dict]:
+        cfg = load_config(None, [f"train.seed={seed}"])
+        space = build_space(cfg.tune.space, cfg.to_dict())
+        algorithm = search_algorithm(cfg, space, concurrent=2)
+        algorithm.add_configurations(
+            [Experiment("t", lambda config: None, config={"params": space}, num_samples=4)]
+        )
+        return [algorithm.next_trial().config["params"] for _ in range(2)]
+
+    assert first_trials(0) == first_trials(0) != first_trials(1)
 
 
 def test_a_warm_start_is_trained_once_and_starts_every_trial(tmp_path, tiny_shards, local_ray):
