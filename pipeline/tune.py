@@ -464,11 +464,10 @@ def _log_summary(client: MlflowClient, parent_id: str, rows: list[TrialRow], cfg
                     ]
                 )
         client.log_artifact(parent_id, str(table))
-        plot = plot_trials(rank_trials(rows, cfg.tune.mode), cfg.tune.metric, Path(d) / "trials.png")
-        client.log_artifact(parent_id, str(plot))
-        ranked = [r for r in rows if r.status != "errored" and r.checkpoint]
-        if ranked:
-            best = max(ranked, key=lambda r: r.best_map if cfg.tune.mode == "max" else -r.best_map)
+        ranked = rank_trials(rows, cfg.tune.mode)
+        client.log_artifact(parent_id, str(plot_trials(ranked, cfg.tune.metric, Path(d) / "trials.png")))
+        best = next((r for r in ranked if r.status != "errored" and r.checkpoint), None)
+        if best is not None:
             best_cfg = Path(d) / "best_config.yaml"
             best_cfg.write_text(
                 yaml.safe_dump(
