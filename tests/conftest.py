@@ -19,6 +19,7 @@ from tests.isolation import (  # noqa: F401 -- hooks: modules using local_ray ru
     pytest_configure,
     pytest_runtest_logreport,
     pytest_runtest_protocol,
+    pytest_runtestloop,
     pytest_sessionfinish,
     pytest_unconfigure,
 )

@@ -1,12 +1,19 @@
 """Test modules that connect the test process to Ray (they use the `local_ray` fixture, or are marked
 `own_process`) run in a pytest process of their own; their reports are replayed here, one per test as if
-it had run in this process.
+it had run in this process. Those processes run beside this one: while this process runs the other tests,
+a pool keeps module processes going, so that the time a Ray test spends waiting (a worker group starting, a
+server coming up) is spent on another test's work.
 
-Why: in Ray 2.60 a local instance that has run fault-injection trainings can leave `ray.shutdown()` blocked
-in the driver (inside the GCS subscriber's close), holding Ray's connect lock, so that the process can
-neither start the next module's instance nor exit (Ray's atexit hook waits on the same lock). Seen in CI as
-a suite that hung until killed. A process per module makes every module start from a clean driver, and a
-module that hangs fails after `MODULE_TIMEOUT_S` instead of holding the suite.
+Why a process per module: in Ray 2.60 a local instance that has run fault-injection trainings can leave
+`ray.shutdown()` blocked in the driver (inside the GCS subscriber's close), holding Ray's connect lock, so
+that the process can neither start the next module's instance nor exit (Ray's atexit hook waits on the same
+lock). Seen in CI as a suite that hung until killed. A process per module makes every module start from a
+clean driver, and a module that hangs fails after `MODULE_TIMEOUT_S` instead of holding the suite.
+
+How many test processes run at once: `YOLOV9_TEST_PROCESSES` (default 2, one per core of the 2-core
+machines the suite is sized for; 1 runs every module process after the other). While this process still
+runs tests of its own it counts as one of them. Module processes start longest first (`module_cost`), so
+that the last to finish is not a long one started late.
 
 Hooks are imported into `conftest.py`, which is where pytest looks for them.
 """
@@ -15,19 +22,25 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 REPORTS_ENV = "YOLOV9_TEST_REPORTS"  # set in a module's own process: the file its reports go to
+PROCESSES_ENV = "YOLOV9_TEST_PROCESSES"
+SHARED_ENV = "YOLOV9_TEST_SHARED"  # a folder every process of one test session shares (tests/shared.py)
 MODULE_TIMEOUT_S = 1200
 ISOLATING_FIXTURE = "local_ray"
 ISOLATING_MARKER = "own_process"  # for modules that connect to a Ray cluster of their own
+COST_MARKER = "cost"  # pytest.mark.cost(seconds): a module's rough duration, for the start order only
 
 
 @dataclass
@@ -39,24 +52,126 @@ class ModuleRun:
     reports: dict[str, list[pytest.TestReport]] = field(default_factory=dict)
 
 
-_modules: dict[Path, list[str]] = {}  # module -> node ids of its selected tests, for modules run apart
-_runs: dict[Path, ModuleRun] = {}
-
-
 def in_module_process() -> bool:
     return REPORTS_ENV in os.environ
 
 
+def module_cost(items: list[pytest.Item]) -> float:
+    """Seconds a module's process is expected to take: its module-level `cost` mark, else a guess from its
+    tests' marks. Only the start order depends on it."""
+    marked = items[0].getparent(pytest.Module).get_closest_marker(COST_MARKER)
+    if marked:
+        return float(marked.args[0])
+    return sum(30.0 if item.get_closest_marker("slow") else 1.0 for item in items)
+
+
+class ModulePool:
+    """Runs modules' pytest processes, at most ``slots`` at once (one fewer while ``main_busy``)."""
+
+    def __init__(self, config: pytest.Config, modules: dict[Path, list[str]], slots: int) -> None:
+        self.config = config
+        self.queue = list(modules.items())  # already in start order
+        self.slots = max(1, slots)
+        self.main_busy = True
+        self.runs: dict[Path, ModuleRun] = {}
+        self.done: dict[Path, threading.Event] = {path: threading.Event() for path in modules}
+        self.shared = tempfile.mkdtemp(prefix="yolov9-tests-")
+        self._running: dict[Path, tuple[subprocess.Popen, float, Path]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="module-pool", daemon=True)
+
+    def start(self) -> None:
+        os.environ[SHARED_ENV] = self.shared
+        self._thread.start()
+
+    def result(self, path: Path) -> ModuleRun:
+        """Wait for ``path``'s process to end; from now on this process only waits, so its slot is free."""
+        self.main_busy = False
+        self.done[path].wait()
+        return self.runs[path]
+
+    def stop(self) -> None:
+        """End every module process still running (an interrupted or failed-fast session)."""
+        self._stop.set()
+        self._thread.join(timeout=30)
+        for child, _, _ in list(self._running.values()):
+            _kill_group(child)
+        shutil.rmtree(self.shared, ignore_errors=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and (self.queue or self._running):
+            allowed = max(1, self.slots - (1 if self.main_busy else 0))
+            while self.queue and len(self._running) < allowed:
+                path, nodeids = self.queue.pop(0)
+                self._running[path] = (self._launch(nodeids), time.monotonic(), path)
+            for path, (child, started, _) in list(self._running.items()):
+                timed_out = time.monotonic() - started > MODULE_TIMEOUT_S
+                if child.poll() is None and not timed_out:
+                    continue
+                ended = f"killed after {MODULE_TIMEOUT_S} s" if timed_out else f"exit status {child.returncode}"
+                _kill_group(child)
+                del self._running[path]
+                self.runs[path] = self._collect(path, ended)
+                self.done[path].set()
+            time.sleep(0.2)
+
+    def _folder(self, path: Path) -> Path:
+        return Path(self.shared) / "modules" / path.stem
+
+    def _launch(self, nodeids: list[str]) -> subprocess.Popen:
+        """A child pytest for one module's tests, in a session (process group) of its own: a timeout, and
+        the end of the module, stop everything it started that did not stop with it."""
+        folder = self._folder(self.config.rootpath / nodeids[0].split("::")[0])
+        folder.mkdir(parents=True)
+        env = {**os.environ, REPORTS_ENV: str(folder / "reports.jsonl")}
+        with open(folder / "output.log", "w") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={folder / 'tmp'}",
+                 *nodeids],  # fmt: skip
+                cwd=self.config.rootpath,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def _collect(self, path: Path, ended: str) -> ModuleRun:
+        folder = self._folder(path)
+        run = ModuleRun(ended=ended, output_tail=(folder / "output.log").read_text()[-6000:])
+        reports_file = folder / "reports.jsonl"
+        if reports_file.exists():
+            for line in reports_file.read_text().splitlines():
+                data = json.loads(line)
+                report = self.config.hook.pytest_report_from_serializable(config=self.config, data=data)
+                run.reports.setdefault(report.nodeid, []).append(report)
+        return run
+
+
+def _kill_group(child: subprocess.Popen) -> None:
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    child.wait()
+
+
+_modules: dict[Path, list[str]] = {}  # module -> node ids of its selected tests, for modules run apart
+_pool: ModulePool | None = None
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules run apart go last (this process runs its own tests first, beside the pool), longest first."""
     if in_module_process():
         return
     by_module: dict[Path, list[pytest.Item]] = {}
     for item in items:
         by_module.setdefault(item.path, []).append(item)
-    for path, module_items in by_module.items():
-        if any(_runs_apart(item) for item in module_items):
-            _modules[path] = [item.nodeid for item in module_items]
+    apart = {path: its for path, its in by_module.items() if any(_runs_apart(item) for item in its)}
+    order = sorted(apart, key=lambda path: -module_cost(apart[path]))
+    _modules.clear()
+    _modules.update({path: [item.nodeid for item in apart[path]] for path in order})
+    items[:] = [item for item in items if item.path not in apart] + [i for path in order for i in apart[path]]
 
 
 def _runs_apart(item: pytest.Item) -> bool:
@@ -64,55 +179,30 @@ def _runs_apart(item: pytest.Item) -> bool:
     return marked or ISOLATING_FIXTURE in getattr(item, "fixturenames", ())
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtestloop(session: pytest.Session):
+    global _pool
+    if not in_module_process() and _modules and not session.config.option.collectonly:
+        _pool = ModulePool(session.config, _modules, int(os.environ.get(PROCESSES_ENV, "2")))
+        _pool.start()
+    try:
+        yield
+    finally:
+        if _pool is not None:
+            _pool.stop()
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
-    if in_module_process() or item.path not in _modules:
+    if in_module_process() or _pool is None or item.path not in _modules:
         return None
-    if item.path not in _runs:
-        _runs[item.path] = run_module_apart(item.config, _modules[item.path])
-    run = _runs[item.path]
+    run = _pool.result(item.path)
     reports = run.reports.get(item.nodeid) or [missing_report(item, run)]
     item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
     for report in reports:
         item.ihook.pytest_runtest_logreport(report=report)
     item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
     return True
-
-
-def run_module_apart(config: pytest.Config, nodeids: list[str]) -> ModuleRun:
-    """Run ``nodeids`` (one module's tests) in a child pytest; its reports by node id.
-
-    The child has a session (process group) of its own: a timeout, and the end of the module, stop
-    everything it started that did not stop with it."""
-    with tempfile.TemporaryDirectory(prefix="module-reports-") as folder:
-        reports_file, log_file = Path(folder) / "reports.jsonl", Path(folder) / "output.log"
-        env = {**os.environ, REPORTS_ENV: str(reports_file)}
-        with open(log_file, "w") as log:
-            child = subprocess.Popen(
-                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *nodeids],
-                cwd=config.rootpath,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            try:
-                child.wait(timeout=MODULE_TIMEOUT_S)
-                ended = f"exit status {child.returncode}"
-            except subprocess.TimeoutExpired:
-                ended = f"killed after {MODULE_TIMEOUT_S} s"
-            finally:
-                try:
-                    os.killpg(child.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                child.wait()
-        run = ModuleRun(ended=ended, output_tail=log_file.read_text()[-6000:])
-        if reports_file.exists():
-            for line in reports_file.read_text().splitlines():
-                report = config.hook.pytest_report_from_serializable(config=config, data=json.loads(line))
-                run.reports.setdefault(report.nodeid, []).append(report)
-        return run
 
 
 def missing_report(item: pytest.Item, run: ModuleRun) -> pytest.TestReport:

@@ -23,7 +23,7 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.registry import register
 from tests.conftest import free_port, start_group, stop_group
 
-pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow, pytest.mark.cost(90), pytest.mark.own_process]
 
 BIN = Path(sys.executable).parent
 EPOCHS = 3

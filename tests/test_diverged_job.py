@@ -13,6 +13,8 @@ import pytest
 
 from tests.test_train import tiny_overrides
 
+pytestmark = [pytest.mark.cost(25), pytest.mark.own_process]
+
 
 @pytest.mark.ray
 @pytest.mark.slow

@@ -32,6 +32,8 @@ from tests.conftest import free_port, start_group, stop_group
 from tests.test_engine import batches, config
 from tests.test_train import tiny_config
 
+pytestmark = pytest.mark.cost(90)
+
 BIN = Path(sys.executable).parent
 CPU = torch.device("cpu")
 # The step hooks run in Ray workers, which need not be able to import this test module: send its helpers

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.checkpoint import load_checkpoint
 from tests.conftest import free_port, start_group, stop_group
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cost(55), pytest.mark.own_process]
 
 REPO = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent

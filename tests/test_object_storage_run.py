@@ -16,7 +16,7 @@ from pipeline.train_job import run_training
 from tests.s3_server import S3Server, start_s3_server
 from tests.test_train import epochs_logged, fail_once, tiny_overrides
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.mlflow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.mlflow, pytest.mark.cost(70)]
 
 BUCKET = "team"
 

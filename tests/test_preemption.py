@@ -20,6 +20,8 @@ from pipeline.training.preemption import stop_requested
 from tests.test_faults import wait_for
 from tests.test_train import tiny_config
 
+pytestmark = pytest.mark.cost(40)
+
 BIN = Path(sys.executable).parent
 CPU = torch.device("cpu")
 

@@ -12,6 +12,8 @@ from pipeline.config import load_config
 from pipeline.report import ArmSummary, conclusion
 from pipeline.tune import SearchError, build_space, run_search, trial_config
 
+pytestmark = pytest.mark.cost(100)
+
 STUDY = Path(__file__).parents[1] / "jobs" / "configs" / "study-pgi.yaml"
 ARMS = ["reference", "swapped", "equal", "lead-guided", "no-aux", "gelan"]
 

@@ -21,6 +21,8 @@ from pipeline.train_job import run_training
 from tests.test_faults import healthy, steps_of, wait_for
 from tests.test_train import tiny_config
 
+pytestmark = pytest.mark.cost(60)
+
 BIN = Path(sys.executable).parent
 CPU = torch.device("cpu")
 

@@ -15,7 +15,7 @@ from pipeline.config import load_config
 from pipeline.train_job import run_training
 from pipeline.training import StepHook
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cost(80)]
 
 
 def tiny_config(root: Path, shards: Path, name: str, *extra: str):

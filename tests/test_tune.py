@@ -12,7 +12,7 @@ from pipeline import names
 from pipeline.config import load_config
 from pipeline.tune import SearchError, TrialRow, build_space, ranking_table, run_search, search_algorithm
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cost(120)]
 
 # train/total grows with aux_weight (it adds aux_weight x the aux loss), so with "min" ASHA has a
 # clear loser at its first rung; -1 is not a valid weight and must fail its trial only.

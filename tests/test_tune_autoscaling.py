@@ -24,7 +24,7 @@ from pipeline.tune import run_search
 from tests.conftest import free_port, start_group, stop_group
 from tests.test_tune import small_search
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_process]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_process, pytest.mark.cost(45)]
 
 BIN = Path(sys.executable).parent
 WORKER_TYPE = "cpu-worker"

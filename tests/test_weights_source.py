@@ -13,6 +13,8 @@ from pipeline.pretrained import PretrainedError, load_source, sha256_of
 from pipeline.train_job import run_training
 from pipeline.weights_source import record_start_weights, resolve_weights
 
+pytestmark = pytest.mark.cost(45)
+
 # canonical: resolved sources are compared with it (../shared may be a symlink)
 FIXTURES = (
     Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "reference-checkpoints"
