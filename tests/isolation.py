@@ -40,6 +40,7 @@ SHARED_ENV = "YOLOV9_TEST_SHARED"  # a folder every process of one test session 
 MODULE_TIMEOUT_S = 1200
 ISOLATING_FIXTURE = "local_ray"
 ISOLATING_MARKER = "own_process"  # for modules that connect to a Ray cluster of their own
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 COST_MARKER = "cost"  # pytest.mark.cost(seconds): a module's rough duration, for the start order only
 
 
@@ -54,6 +55,11 @@ class ModuleRun:
 
 def in_module_process() -> bool:
     return REPORTS_ENV in os.environ
+
+
+def processes() -> int:
+    """How many test processes run at once (``YOLOV9_TEST_PROCESSES``, default 2)."""
+    return max(1, int(os.environ.get(PROCESSES_ENV, "2")))
 
 
 def module_cost(items: list[pytest.Item]) -> float:
@@ -108,7 +114,9 @@ class ModulePool:
                 timed_out = time.monotonic() - started > MODULE_TIMEOUT_S
                 if child.poll() is None and not timed_out:
                     continue
-                ended = f"killed after {MODULE_TIMEOUT_S} s" if timed_out else f"exit status {child.returncode}"
+                ended = (
+                    f"killed after {MODULE_TIMEOUT_S} s" if timed_out else f"exit status {child.returncode}"
+                )
                 _kill_group(child)
                 del self._running[path]
                 self.runs[path] = self._collect(path, ended)
@@ -126,8 +134,16 @@ class ModulePool:
         env = {**os.environ, REPORTS_ENV: str(folder / "reports.jsonl")}
         with open(folder / "output.log", "w") as log:
             return subprocess.Popen(
-                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={folder / 'tmp'}",
-                 *nodeids],  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    "-q",
+                    "-p",
+                    "no:cacheprovider",
+                    f"--basetemp={folder / 'tmp'}",
+                    *nodeids,
+                ],  # fmt: skip
                 cwd=self.config.rootpath,
                 env=env,
                 stdout=log,
@@ -183,7 +199,7 @@ def _runs_apart(item: pytest.Item) -> bool:
 def pytest_runtestloop(session: pytest.Session):
     global _pool
     if not in_module_process() and _modules and not session.config.option.collectonly:
-        _pool = ModulePool(session.config, _modules, int(os.environ.get(PROCESSES_ENV, "2")))
+        _pool = ModulePool(session.config, _modules, processes())
         _pool.start()
     try:
         yield
@@ -224,6 +240,12 @@ _exit_status = 0
 def pytest_configure(config: pytest.Config) -> None:
     global _config
     _config = config
+    if not in_module_process() and processes() > 1:
+        # One compute thread per test process (and so per Ray driver, job and worker it starts), set before
+        # torch is imported: with two processes on two cores, torch's default of a thread per core had every
+        # parallel region wait for a thread the other process held, and the suite spent twice the CPU time.
+        for name in THREAD_ENV:
+            os.environ.setdefault(name, "1")
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

@@ -12,7 +12,6 @@ import secrets
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -22,8 +21,15 @@ from mlflow.tracking import MlflowClient
 from pipeline.checkpoint import load_checkpoint
 from pipeline.registry import register
 from tests.conftest import free_port, start_group, stop_group
+from tests.waiting import wait_until
 
-pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow, pytest.mark.cost(90), pytest.mark.own_process]
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.mlflow,
+    pytest.mark.slow,
+    pytest.mark.cost(90),
+    pytest.mark.own_process,
+]
 
 BIN = Path(sys.executable).parent
 EPOCHS = 3
@@ -31,14 +37,6 @@ EPOCHS = 3
 
 def start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
     return start_group(args, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-
-
-def wait_for(condition, what: str, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        if time.time() > deadline:
-            raise TimeoutError(f"{what} did not happen within {timeout} s")
-        time.sleep(1)
 
 
 @pytest.fixture
@@ -72,7 +70,7 @@ def mlflow_server(tmp_path):
             return False
 
     try:
-        wait_for(healthy, "mlflow server start")
+        wait_until(healthy, "the mlflow server to answer", 120, poll_s=1)
         yield uri
     finally:
         stop_group(server)
@@ -108,7 +106,7 @@ def two_nodes(tmp_path):
     address = f"127.0.0.1:{port}"
     nodes = [head]
     try:
-        wait_for(lambda: alive_nodes(address, env) == 1, "head start")
+        wait_until(lambda: alive_nodes(address, env) == 1, "the head node", 120, poll_s=1)
         second = start(
             [
                 str(BIN / "ray"),
@@ -122,7 +120,7 @@ def two_nodes(tmp_path):
             tmp_path / "node2.log",
         )
         nodes.append(second)
-        wait_for(lambda: alive_nodes(address, env) == 2, "second node join")
+        wait_until(lambda: alive_nodes(address, env) == 2, "the second node to join", 120, poll_s=1)
         yield address, env, second
     finally:
         for node in reversed(nodes):
@@ -189,10 +187,11 @@ def test_training_survives_losing_a_node(tmp_path, tiny_shards, two_nodes, mlflo
     address, env, second = two_nodes
     job = train(tmp_path, tiny_shards, address, env, mlflow_server, "two-nodes", steps=4)
     run_dir = tmp_path / "shared" / "two-nodes"
-    wait_for(
+    wait_until(
         lambda: any(p.is_dir() for p in run_dir.glob("checkpoint_*")) or job.poll() is not None,
-        "the first checkpoint",
-        timeout=400,
+        "the first checkpoint (or the end of the job)",
+        400,
+        poll_s=1,
     )
     assert job.poll() is None, (tmp_path / "two-nodes.log").read_text()[-3000:]
     raylets = subprocess.run(["pgrep", "-P", str(second.pid), "-f", "raylet"], capture_output=True, text=True)

@@ -194,3 +194,18 @@ def test_a_local_run_trains_checkpoints_and_resumes_without_ray(tiny_shards, tmp
     assert latest.epoch == 3 and latest.step == 6  # epoch 1 was resumed, not trained again
     kept = sorted(p.name for p in (tmp_path / "runs" / "local" / "local").iterdir())
     assert "checkpoint_000003" in kept and len(kept) <= 2  # the best one and the latest
+
+
+@pytest.mark.parametrize(
+    "extra", [("loss.assign=lead_guided",), ("loss.aux_weight=1.0", "loss.lead_weight=1.0")]
+)
+def test_the_study_arms_not_trained_end_to_end_train_a_step(tiny_shards, extra):
+    # test_study's Ray run trains four of the six arms; these two train here, in one process
+    cfg = config(tiny_shards, *extra, "train.warmup_epochs=0", "train.warmup_min_steps=0")
+    state = build_train_state(cfg, TrainingData.read(str(tiny_shards)), CPU)
+    before = {k: v.clone() for k, v in state.model.named_parameters()}
+    stats = train_one_epoch(state, batches(2))
+    assert (
+        state.step == 2 and stats.skipped_steps == 0 and torch.isfinite(torch.tensor(stats.losses["total"]))
+    )
+    assert any(not torch.equal(before[k], v) for k, v in state.model.named_parameters())

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from pipeline.training import TrainingData, TrainingDiverged, build_train_state,
 from tests.conftest import free_port, start_group, stop_group
 from tests.test_engine import batches, config
 from tests.test_train import tiny_config
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.cost(90)
 
@@ -66,9 +66,11 @@ class MlflowServer:
         ]
         log = open(self.folder / "mlflow-server.log", "a")  # noqa: SIM115 -- the server writes it while it runs
         self.process = start_group(args, stdout=log, stderr=subprocess.STDOUT)
-        assert wait_for(lambda: healthy(self.uri), 120), (self.folder / "mlflow-server.log").read_text()[
-            -2000:
-        ]
+        try:
+            wait_until(lambda: healthy(self.uri), f"the mlflow server on {self.uri} to answer", 120)
+        except TimeoutError as waited:
+            log_tail = (self.folder / "mlflow-server.log").read_text()[-2000:]
+            raise TimeoutError(f"{waited}; its log ends:\n{log_tail}") from None
 
     def stop(self) -> None:
         if self.process is not None:
@@ -80,15 +82,6 @@ def healthy(uri: str) -> bool:
         return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
     except OSError:
         return False
-
-
-def wait_for(condition, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 def steps_of(uri: str, run_id: str, key: str) -> list[int]:
@@ -176,7 +169,7 @@ def test_a_tracking_server_that_never_returns_leaves_a_file_that_sync_tracking_r
     def server_dies(state, event) -> None:
         if (event.epoch, event.batch) == (1, 0):
             os.killpg(pgid, signal.SIGINT)
-            assert wait_for(lambda: not healthy(uri), 60)
+            wait_until(lambda: not healthy(uri), "the mlflow server to stop", 60)
 
     cfg = config(
         tiny_shards,

@@ -17,8 +17,9 @@ import torch
 from pipeline.checkpoint import load_checkpoint
 from pipeline.train_job import run_training
 from pipeline.training.preemption import stop_requested
-from tests.test_faults import wait_for
+from tests import waiting
 from tests.test_train import tiny_config
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.cost(40)
 
@@ -28,6 +29,7 @@ CPU = torch.device("cpu")
 # The step hooks run in Ray workers, which need not be able to import this test module: send its helpers
 # along by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+ray.cloudpickle.register_pickle_by_value(waiting)
 
 
 @pytest.mark.ray
@@ -38,7 +40,7 @@ def test_sigterm_to_a_worker_mid_epoch_checkpoints_and_the_rerun_resumes_at_that
     def sigterm_rank1(state, event) -> None:
         if (event.epoch, event.batch, state.rank) == (0, 0, 1):
             os.kill(os.getpid(), signal.SIGTERM)
-            assert wait_for(stop_requested, 10)  # the handler ran; the next step is the last
+            wait_until(stop_requested, "the SIGTERM handler's stop request", 10)  # the next step is the last
 
     first_step = tmp_path / "first-step"
 

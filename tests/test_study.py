@@ -16,6 +16,9 @@ pytestmark = pytest.mark.cost(100)
 
 STUDY = Path(__file__).parents[1] / "jobs" / "configs" / "study-pgi.yaml"
 ARMS = ["reference", "swapped", "equal", "lead-guided", "no-aux", "gelan"]
+# the arms the end-to-end run trains: each one checked there for what it sets (the others' settings are
+# checked by the first test); four trials where six would add two Ray Train runs and nothing checked
+RUN_ARMS = ["reference", "swapped", "no-aux", "gelan"]
 
 
 def test_each_arm_of_the_study_sets_its_own_settings_and_nothing_else():
@@ -88,8 +91,10 @@ def test_the_study_runs_every_arm_and_the_report_has_them_all(local_ray, tiny_sh
         ],
     )
     cfg.tune.space["train.seed"] = {"grid": [0]}
+    arms = cfg.tune.space["arm"]["arms"]
+    cfg.tune.space["arm"]["arms"] = {name: arms[name] for name in RUN_ARMS}
     rows = run_search(cfg)
-    assert sorted(r.params["arm"] for r in rows) == sorted(ARMS)
+    assert sorted(r.params["arm"] for r in rows) == sorted(RUN_ARMS)
     assert all(r.status == "completed" and r.epochs == 2 for r in rows)
 
     client = MlflowClient(uri)
@@ -105,7 +110,7 @@ def test_the_study_runs_every_arm_and_the_report_has_them_all(local_ray, tiny_sh
     text = (tmp_path / "report" / "report.md").read_text()
     assert text == capsys.readouterr().out.split("written to")[0].rstrip("\n") + "\n"
     table = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")]
-    for name in ARMS:
+    for name in RUN_ARMS:
         assert table.count(name) >= 2  # the arm table and the trials table
     assert "## Conclusion" in text and "![mAP curves](map_curves.png)" in text
     parent = client.search_runs(

@@ -1,0 +1,14 @@
+"""Waiting on a condition, as every test that waits for something does: poll it until a deadline, and fail
+naming what was waited for."""
+
+import time
+from collections.abc import Callable
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float, poll_s: float = 0.2) -> None:
+    """Return once ``condition()`` is true; raise TimeoutError naming ``what`` after ``timeout_s`` seconds."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:g} s for {what}")
+        time.sleep(poll_s)
