@@ -246,6 +246,9 @@ def pytest_configure(config: pytest.Config) -> None:
         # parallel region wait for a thread the other process held, and the suite spent twice the CPU time.
         for name in THREAD_ENV:
             os.environ.setdefault(name, "1")
+    # An `mlflow server` (the tests' tracking servers, `mlflow ui`) otherwise starts a job runner with two
+    # huey consumer processes for MLflow's GenAI jobs, which no test uses: CPU time taken from the tests.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

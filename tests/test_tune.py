@@ -10,7 +10,15 @@ from ray.tune.experiment import Experiment
 
 from pipeline import names
 from pipeline.config import load_config
-from pipeline.tune import SearchError, TrialRow, build_space, ranking_table, run_search, search_algorithm
+from pipeline.tune import (
+    SearchError,
+    TrialRow,
+    build_space,
+    ranking_table,
+    run_search,
+    search_algorithm,
+    starting_weights,
+)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cost(120)]
 
@@ -170,16 +178,17 @@ def test_a_warm_start_is_trained_once_and_starts_every_trial(tmp_path, tiny_shar
     (tmp_path / "start.yaml").write_text(yaml.safe_dump(start))
     client = MlflowClient(uri)
 
-    def search(name: str):
+    def search_config(name: str):
         overrides = small_search(tmp_path, tiny_shards, name, "{loss.aux_weight: {grid: [0.5]}}")
-        cfg = load_config(None, [*overrides, f"tune.warm_start={tmp_path / 'start.yaml'}", "train.epochs=1"])
-        (row,) = run_search(cfg)
-        return client.get_run(row.mlflow_run_id).data.tags[names.PRETRAINED_PATH_TAG]
+        return load_config(None, [*overrides, f"tune.warm_start={tmp_path / 'start.yaml'}", "train.epochs=1"])
 
-    first = search("warm-1")
+    (row,) = run_search(search_config("warm-1"))
+    first = client.get_run(row.mlflow_run_id).data.tags[names.PRETRAINED_PATH_TAG]
     (trained,) = client.search_runs([client.get_experiment_by_name("start").experiment_id])
     assert trained.info.status == "FINISHED" and first == trained.data.tags[names.BEST_CHECKPOINT_TAG]
-    assert search("warm-2") == first  # the finished run is found, not trained again
+    # a second search finds the finished run instead of training it again (run_search starts with this;
+    # that its trials start from these weights, the first search showed)
+    assert starting_weights(search_config("warm-2"), uri).model.weights == first
     assert len(client.search_runs([client.get_experiment_by_name("start").experiment_id])) == 1
 
 

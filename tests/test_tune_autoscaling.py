@@ -11,6 +11,7 @@ Ray process on the machine, other test sessions' too.
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -81,14 +82,13 @@ def autoscaling_cluster(tmp_path, monkeypatch):
         "PATH": f"{BIN}:{os.environ['PATH']}",
     }
     log = tmp_path / "ray-head.log"
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: socket paths have a limit
     with log.open("w") as out:
         head = start_group(
             [
                 str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                 f"--port={gcs}", "--num-cpus=0", f"--autoscaling-config={config}",
-                "--include-dashboard=false",
-                # short: socket paths have a limit
-                f"--temp-dir={tempfile.mkdtemp(prefix='ray', dir='/tmp')}",
+                "--include-dashboard=false", f"--temp-dir={temp_dir}",
             ],
             env=env, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -99,6 +99,18 @@ def autoscaling_cluster(tmp_path, monkeypatch):
 
         ray.shutdown()
         stop_group(head)
+        stop_leftovers(temp_dir)
+
+
+def stop_leftovers(temp_dir: str) -> None:
+    """Stop what the fake provider's worker nodes left running outside the head's process group (their log
+    monitors outlived every run): the processes whose command line names this cluster's own temp dir."""
+    found = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True)
+    for pid in found.stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def test_a_search_starts_on_a_cluster_with_no_workers_and_the_autoscaler_adds_them(
