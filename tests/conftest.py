@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.isolation import (  # noqa: F401 -- hooks: modules using local_ray run in a process of their own
+    SHARED_ENV,
     pytest_collection_modifyitems,
     pytest_configure,
     pytest_runtest_logreport,
@@ -37,11 +39,40 @@ def tiny_shards(tmp_path_factory) -> Path:
     return root
 
 
+# Ports for the servers tests start: below the OS's ephemeral range (32768-60999 here), which every bind to
+# port 0 draws from (Ray's own servers in a test process running beside this one among them), and above
+# Ray's worker ports (10002-19999). A port taken from the ephemeral range was once bound by another test
+# process's Ray instance before `mlflow ui` could bind it, and the test talked to Ray's gRPC server.
+TEST_PORTS = range(20000, 32768)
+_claimed: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that is free now and that no other test of this session was given: claimed
+    by a file in the session's shared folder (tests/isolation.py), so test processes running side by side
+    never share one, and a server a test stopped never has its port handed to the next."""
+    shared = os.environ.get(SHARED_ENV)
+    claims = Path(shared) / "ports" if shared else None
+    if claims:
+        claims.mkdir(exist_ok=True)
+    draw = random.SystemRandom()
+    for _ in range(1000):
+        port = draw.choice(TEST_PORTS)
+        if port in _claimed:
+            continue
+        _claimed.add(port)
+        if claims:
+            try:
+                (claims / str(port)).touch(exist_ok=False)
+            except FileExistsError:
+                continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in {TEST_PORTS} after 1000 tries")
 
 
 def start_group(args: list[str], **popen: Any) -> subprocess.Popen:
@@ -87,7 +118,10 @@ def local_ray():
             # The dashboard serves the state API that Ray Train uses to release the resources of runs
             # whose driver was stopped (a trial ended by ASHA), so it stays on, on 127.0.0.1.
             ray.init(
-                num_cpus=2,
+                # Four logical CPUs on two cores: a search of two concurrent 1-worker trials once waited
+                # 300 s for a CPU that a stopped trial's worker group still held (its placement group not
+                # yet removed) and then timed out; two spare CPUs let the next trial start meanwhile.
+                num_cpus=4,
                 _node_ip_address="127.0.0.1",
                 include_dashboard=True,
                 dashboard_host="127.0.0.1",
