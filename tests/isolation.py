@@ -36,7 +36,7 @@ import pytest
 
 REPORTS_ENV = "YOLOV9_TEST_REPORTS"  # set in a module's own process: the file its reports go to
 PROCESSES_ENV = "YOLOV9_TEST_PROCESSES"
-SHARED_ENV = "YOLOV9_TEST_SHARED"  # a folder every process of one test session shares (tests/shared.py)
+SHARED_ENV = "YOLOV9_TEST_SHARED"  # a folder the processes of one session share: module logs, port claims
 MODULE_TIMEOUT_S = 1200
 ISOLATING_FIXTURE = "local_ray"
 ISOLATING_MARKER = "own_process"  # for modules that connect to a Ray cluster of their own
@@ -82,7 +82,7 @@ class ModulePool:
         self.runs: dict[Path, ModuleRun] = {}
         self.done: dict[Path, threading.Event] = {path: threading.Event() for path in modules}
         self.shared = tempfile.mkdtemp(prefix="yolov9-tests-")
-        self._running: dict[Path, tuple[subprocess.Popen, float, Path]] = {}
+        self._running: dict[Path, tuple[subprocess.Popen, float]] = {}  # process, start time
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="module-pool", daemon=True)
 
@@ -100,7 +100,7 @@ class ModulePool:
         """End every module process still running (an interrupted or failed-fast session)."""
         self._stop.set()
         self._thread.join(timeout=30)
-        for child, _, _ in list(self._running.values()):
+        for child, _ in list(self._running.values()):
             _kill_group(child)
         shutil.rmtree(self.shared, ignore_errors=True)
 
@@ -109,8 +109,8 @@ class ModulePool:
             allowed = max(1, self.slots - (1 if self.main_busy else 0))
             while self.queue and len(self._running) < allowed:
                 path, nodeids = self.queue.pop(0)
-                self._running[path] = (self._launch(nodeids), time.monotonic(), path)
-            for path, (child, started, _) in list(self._running.items()):
+                self._running[path] = (self._launch(nodeids), time.monotonic())
+            for path, (child, started) in list(self._running.items()):
                 timed_out = time.monotonic() - started > MODULE_TIMEOUT_S
                 if child.poll() is None and not timed_out:
                     continue
@@ -132,18 +132,10 @@ class ModulePool:
         folder = self._folder(self.config.rootpath / nodeids[0].split("::")[0])
         folder.mkdir(parents=True)
         env = {**os.environ, REPORTS_ENV: str(folder / "reports.jsonl")}
+        args = ["-q", "-p", "no:cacheprovider", f"--basetemp={folder / 'tmp'}", *nodeids]
         with open(folder / "output.log", "w") as log:
             return subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "pytest",
-                    "-q",
-                    "-p",
-                    "no:cacheprovider",
-                    f"--basetemp={folder / 'tmp'}",
-                    *nodeids,
-                ],  # fmt: skip
+                [sys.executable, "-m", "pytest", *args],
                 cwd=self.config.rootpath,
                 env=env,
                 stdout=log,
