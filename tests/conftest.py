@@ -100,11 +100,11 @@ def stop_group(process: subprocess.Popen) -> None:
             os.killpg(process.pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_ray():
-    """A local Ray instance for one test module, shut down when the module ends. A module that uses it runs
-    in a pytest process of its own (`tests/isolation.py`), so no two modules share a driver or an
-    instance."""
+    """The local Ray instance of a test process, shut down when the process's tests end. A module that uses
+    it runs apart, in a pytest process of its own or of its `process_group` (`tests/isolation.py`): one
+    instance per process, never a second one after the first."""
     import ray
 
     from pipeline.train import LOCAL_RAY_TRAIN_ENV

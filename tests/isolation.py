@@ -4,11 +4,20 @@ it had run in this process. Those processes run beside this one: while this proc
 a pool keeps module processes going, so that the time a Ray test spends waiting (a worker group starting, a
 server coming up) is spent on another test's work.
 
-Why a process per module: in Ray 2.60 a local instance that has run fault-injection trainings can leave
-`ray.shutdown()` blocked in the driver (inside the GCS subscriber's close), holding Ray's connect lock, so
-that the process can neither start the next module's instance nor exit (Ray's atexit hook waits on the same
-lock). Seen in CI as a suite that hung until killed. A process per module makes every module start from a
-clean driver, and a module that hangs fails after `MODULE_TIMEOUT_S` instead of holding the suite.
+Modules marked `process_group(name)` share one process, and so one Ray instance (`local_ray` is
+session-scoped), one after the other: a Ray instance and a pytest process cost about 10 CPU-seconds to
+start. Only the searches share one (test_tune, test_study). A module that needs an instance set up its own
+way (an environment its Ray workers must inherit) or a cluster of its own stays unmarked, and so do the
+fault-injection trainings: grouped with test_train and test_faults, test_preemption's first Ray Train run
+never started (killed after 20 min), the failure test_preemption's and test_tracking_outage's docstrings
+describe; it is not understood, so they keep fresh instances.
+
+Why a process, and never a second instance in one: in Ray 2.60 a local instance that has run
+fault-injection trainings can leave `ray.shutdown()` blocked in the driver (inside the GCS subscriber's
+close), holding Ray's connect lock, so that the process can neither start another instance nor exit (Ray's
+atexit hook waits on the same lock). Seen in CI as a suite that hung until killed. So a process starts one
+instance at most and shuts it down only at its end, bounded; a process that hangs fails after
+`MODULE_TIMEOUT_S` instead of holding the suite.
 
 How many test processes run at once: `YOLOV9_TEST_PROCESSES` (default 2, one per core of the 2-core
 machines the suite is sized for; 1 runs every module process after the other). While this process still
@@ -42,6 +51,7 @@ ISOLATING_FIXTURE = "local_ray"
 ISOLATING_MARKER = "own_process"  # for modules that connect to a Ray cluster of their own
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 COST_MARKER = "cost"  # pytest.mark.cost(seconds): a module's rough duration, for the start order only
+GROUP_MARKER = "process_group"  # pytest.mark.process_group(name): modules that share one process
 
 
 @dataclass
@@ -71,18 +81,25 @@ def module_cost(items: list[pytest.Item]) -> float:
     return sum(30.0 if item.get_closest_marker("slow") else 1.0 for item in items)
 
 
-class ModulePool:
-    """Runs modules' pytest processes, at most ``slots`` at once (one fewer while ``main_busy``)."""
+def process_name(module: pytest.Module) -> str:
+    """The name of the process a module runs apart in: its `process_group` mark's, else its own."""
+    group = module.get_closest_marker(GROUP_MARKER)
+    return f"group-{group.args[0]}" if group else module.path.stem
 
-    def __init__(self, config: pytest.Config, modules: dict[Path, list[str]], slots: int) -> None:
+
+class ModulePool:
+    """Runs the module processes (each named, with the node ids of its tests), at most ``slots`` at once
+    (one fewer while ``main_busy``)."""
+
+    def __init__(self, config: pytest.Config, processes: dict[str, list[str]], slots: int) -> None:
         self.config = config
-        self.queue = list(modules.items())  # already in start order
+        self.queue = list(processes.items())  # already in start order
         self.slots = max(1, slots)
         self.main_busy = True
-        self.runs: dict[Path, ModuleRun] = {}
-        self.done: dict[Path, threading.Event] = {path: threading.Event() for path in modules}
+        self.runs: dict[str, ModuleRun] = {}
+        self.done: dict[str, threading.Event] = {name: threading.Event() for name in processes}
         self.shared = tempfile.mkdtemp(prefix="yolov9-tests-")
-        self._running: dict[Path, tuple[subprocess.Popen, float]] = {}  # process, start time
+        self._running: dict[str, tuple[subprocess.Popen, float]] = {}  # process, start time
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="module-pool", daemon=True)
 
@@ -90,11 +107,11 @@ class ModulePool:
         os.environ[SHARED_ENV] = self.shared
         self._thread.start()
 
-    def result(self, path: Path) -> ModuleRun:
-        """Wait for ``path``'s process to end; from now on this process only waits, so its slot is free."""
+    def result(self, name: str) -> ModuleRun:
+        """Wait for process ``name`` to end; from now on this process only waits, so its slot is free."""
         self.main_busy = False
-        self.done[path].wait()
-        return self.runs[path]
+        self.done[name].wait()
+        return self.runs[name]
 
     def stop(self) -> None:
         """End every module process still running (an interrupted or failed-fast session)."""
@@ -108,9 +125,9 @@ class ModulePool:
         while not self._stop.is_set() and (self.queue or self._running):
             allowed = max(1, self.slots - (1 if self.main_busy else 0))
             while self.queue and len(self._running) < allowed:
-                path, nodeids = self.queue.pop(0)
-                self._running[path] = (self._launch(nodeids), time.monotonic())
-            for path, (child, started) in list(self._running.items()):
+                name, nodeids = self.queue.pop(0)
+                self._running[name] = (self._launch(name, nodeids), time.monotonic())
+            for name, (child, started) in list(self._running.items()):
                 timed_out = time.monotonic() - started > MODULE_TIMEOUT_S
                 if child.poll() is None and not timed_out:
                     continue
@@ -118,18 +135,18 @@ class ModulePool:
                     f"killed after {MODULE_TIMEOUT_S} s" if timed_out else f"exit status {child.returncode}"
                 )
                 _kill_group(child)
-                del self._running[path]
-                self.runs[path] = self._collect(path, ended)
-                self.done[path].set()
+                del self._running[name]
+                self.runs[name] = self._collect(name, ended)
+                self.done[name].set()
             time.sleep(0.2)
 
-    def _folder(self, path: Path) -> Path:
-        return Path(self.shared) / "modules" / path.stem
+    def _folder(self, name: str) -> Path:
+        return Path(self.shared) / "modules" / name
 
-    def _launch(self, nodeids: list[str]) -> subprocess.Popen:
-        """A child pytest for one module's tests, in a session (process group) of its own: a timeout, and
-        the end of the module, stop everything it started that did not stop with it."""
-        folder = self._folder(self.config.rootpath / nodeids[0].split("::")[0])
+    def _launch(self, name: str, nodeids: list[str]) -> subprocess.Popen:
+        """A child pytest for its modules' tests, in a session (process group) of its own: a timeout, and
+        the end of the process, stop everything it started that did not stop with it."""
+        folder = self._folder(name)
         folder.mkdir(parents=True)
         env = {**os.environ, REPORTS_ENV: str(folder / "reports.jsonl")}
         args = ["-q", "-p", "no:cacheprovider", f"--basetemp={folder / 'tmp'}", *nodeids]
@@ -143,8 +160,8 @@ class ModulePool:
                 start_new_session=True,
             )
 
-    def _collect(self, path: Path, ended: str) -> ModuleRun:
-        folder = self._folder(path)
+    def _collect(self, name: str, ended: str) -> ModuleRun:
+        folder = self._folder(name)
         run = ModuleRun(ended=ended, output_tail=(folder / "output.log").read_text()[-6000:])
         reports_file = folder / "reports.jsonl"
         if reports_file.exists():
@@ -163,23 +180,31 @@ def _kill_group(child: subprocess.Popen) -> None:
     child.wait()
 
 
-_modules: dict[Path, list[str]] = {}  # module -> node ids of its selected tests, for modules run apart
+_processes: dict[str, list[str]] = {}  # process name -> node ids of its selected tests, in start order
+_process_of: dict[Path, str] = {}  # a module run apart -> the name of its process
 _pool: ModulePool | None = None
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Modules run apart go last (this process runs its own tests first, beside the pool), longest first."""
+    """Modules run apart go last (this process runs its own tests first, beside the pool), their processes
+    longest first."""
     if in_module_process():
         return
     by_module: dict[Path, list[pytest.Item]] = {}
     for item in items:
         by_module.setdefault(item.path, []).append(item)
     apart = {path: its for path, its in by_module.items() if any(_runs_apart(item) for item in its)}
-    order = sorted(apart, key=lambda path: -module_cost(apart[path]))
-    _modules.clear()
-    _modules.update({path: [item.nodeid for item in apart[path]] for path in order})
-    items[:] = [item for item in items if item.path not in apart] + [i for path in order for i in apart[path]]
+    grouped: dict[str, list[list[pytest.Item]]] = {}
+    for its in apart.values():
+        grouped.setdefault(process_name(its[0].getparent(pytest.Module)), []).append(its)
+    order = sorted(grouped, key=lambda name: -sum(module_cost(its) for its in grouped[name]))
+    _processes.clear()
+    _processes.update({name: [item.nodeid for its in grouped[name] for item in its] for name in order})
+    _process_of.clear()
+    _process_of.update({its[0].path: name for name in order for its in grouped[name]})
+    in_order = [item for name in order for its in grouped[name] for item in its]
+    items[:] = [item for item in items if item.path not in apart] + in_order
 
 
 def _runs_apart(item: pytest.Item) -> bool:
@@ -190,8 +215,8 @@ def _runs_apart(item: pytest.Item) -> bool:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtestloop(session: pytest.Session):
     global _pool
-    if not in_module_process() and _modules and not session.config.option.collectonly:
-        _pool = ModulePool(session.config, _modules, processes())
+    if not in_module_process() and _processes and not session.config.option.collectonly:
+        _pool = ModulePool(session.config, _processes, processes())
         _pool.start()
     try:
         yield
@@ -202,9 +227,9 @@ def pytest_runtestloop(session: pytest.Session):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
-    if in_module_process() or _pool is None or item.path not in _modules:
+    if in_module_process() or _pool is None or item.path not in _process_of:
         return None
-    run = _pool.result(item.path)
+    run = _pool.result(_process_of[item.path])
     reports = run.reports.get(item.nodeid) or [missing_report(item, run)]
     item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
     for report in reports:

@@ -198,10 +198,16 @@ def test_a_local_run_trains_checkpoints_and_resumes_without_ray(tiny_shards, tmp
 
 
 @pytest.mark.parametrize(
-    "extra", [("loss.assign=lead_guided",), ("loss.aux_weight=1.0", "loss.lead_weight=1.0")]
+    "extra",
+    [
+        ("loss.assign=lead_guided",),
+        ("loss.aux_weight=1.0", "loss.lead_weight=1.0"),
+        ("loss.aux_weight=1.0", "loss.lead_weight=0.25"),
+    ],
+    ids=["lead-guided", "equal", "swapped"],
 )
 def test_the_study_arms_not_trained_end_to_end_train_a_step(tiny_shards, extra):
-    # test_study's Ray run trains four of the six arms; these two train here, in one process
+    # test_study's Ray run trains three of the six arms; these three train here, in one process
     cfg = config(tiny_shards, *extra, "train.warmup_epochs=0", "train.warmup_min_steps=0")
     state = build_train_state(cfg, TrainingData.read(str(tiny_shards)), CPU)
     before = {k: v.clone() for k, v in state.model.named_parameters()}

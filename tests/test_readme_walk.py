@@ -111,6 +111,7 @@ def test_fine_tuning_the_demo_scores_in_one_epoch_what_a_fresh_start_does_not(de
         "jobs.train",
         f"model.weights=runs:/{run.info.run_id}",
         "train.epochs=1",
+        "train.steps_per_epoch=8",  # a quarter of the demo's epoch: what transfers is the weights
         "ray.run_name=finetune",
     ]
     tuned = succeeded(typed(folder, *command, timeout=600))

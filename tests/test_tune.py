@@ -20,7 +20,7 @@ from pipeline.tune import (
     starting_weights,
 )
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cost(120)]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cost(120), pytest.mark.process_group("searches")]
 
 # train/total grows with aux_weight (it adds aux_weight x the aux loss), so with "min" ASHA has a
 # clear loser at its first rung; -1 is not a valid weight and must fail its trial only.
@@ -59,11 +59,27 @@ def small_search(root, shards, name: str, space: str) -> list[str]:
     ]
 
 
+def start_config(root: Path, shards: Path) -> Path:
+    """A ``tune.warm_start`` config: one 1-worker epoch of 2 steps, tracked in ``root``'s store."""
+    start = {
+        "model": {"name": "yolov9-t"},
+        "data": {"root": str(shards), "num_workers": 0, "shuffle_buffer": 8},
+        "train": {"epochs": 1, "batch_size": 2, "nominal_batch": 2, "imgsz": 64, "steps_per_epoch": 2,
+                  "warmup_min_steps": 1, "close_mosaic": 0},
+        "ray": {"num_workers": 1, "run_name": "start", "storage_path": str(root / "ray")},
+        "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "start"},
+    }  # fmt: skip
+    (root / "start.yaml").write_text(yaml.safe_dump(start))
+    return root / "start.yaml"
+
+
 @pytest.fixture(scope="module")
 def search(tmp_path_factory, tiny_shards, local_ray):
+    """The module's search: four trials (one errors) from a warm start that the search trains first."""
     root = tmp_path_factory.mktemp("search")
     space = f"{{loss.aux_weight: {{grid: {AUX_WEIGHTS}}}, loss.tal_topk: {{choice: [7, 13]}}}}"
-    cfg = load_config(None, small_search(root, tiny_shards, "small", space))
+    warm_start = f"tune.warm_start={start_config(root, tiny_shards)}"
+    cfg = load_config(None, [*small_search(root, tiny_shards, "small", space), warm_start])
     return cfg, run_search(cfg)
 
 
@@ -165,31 +181,18 @@ def test_the_same_seed_samples_the_same_trials():
     assert first_trials(0) == first_trials(0) != first_trials(1)
 
 
-def test_a_warm_start_is_trained_once_and_starts_every_trial(tmp_path, tiny_shards, local_ray):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    start = {
-        "model": {"name": "yolov9-t"},
-        "data": {"root": str(tiny_shards), "num_workers": 0, "shuffle_buffer": 8},
-        "train": {"epochs": 1, "batch_size": 2, "nominal_batch": 2, "imgsz": 64, "steps_per_epoch": 2,
-                  "warmup_min_steps": 1, "close_mosaic": 0},
-        "ray": {"num_workers": 1, "run_name": "start", "storage_path": str(tmp_path / "ray")},
-        "mlflow": {"tracking_uri": uri, "experiment": "start"},
-    }  # fmt: skip
-    (tmp_path / "start.yaml").write_text(yaml.safe_dump(start))
-    client = MlflowClient(uri)
-
-    def search_config(name: str):
-        overrides = small_search(tmp_path, tiny_shards, name, "{loss.aux_weight: {grid: [0.5]}}")
-        return load_config(None, [*overrides, f"tune.warm_start={tmp_path / 'start.yaml'}", "train.epochs=1"])
-
-    (row,) = run_search(search_config("warm-1"))
-    first = client.get_run(row.mlflow_run_id).data.tags[names.PRETRAINED_PATH_TAG]
-    (trained,) = client.search_runs([client.get_experiment_by_name("start").experiment_id])
-    assert trained.info.status == "FINISHED" and first == trained.data.tags[names.BEST_CHECKPOINT_TAG]
-    # a second search finds the finished run instead of training it again (run_search starts with this;
-    # that its trials start from these weights, the first search showed)
-    assert starting_weights(search_config("warm-2"), uri).model.weights == first
-    assert len(client.search_runs([client.get_experiment_by_name("start").experiment_id])) == 1
+def test_a_warm_start_is_trained_once_and_starts_every_trial(search):
+    cfg, rows = search
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    start_runs = client.search_runs([client.get_experiment_by_name("start").experiment_id])
+    (trained,) = start_runs
+    weights = trained.data.tags[names.BEST_CHECKPOINT_TAG]
+    assert trained.info.status == "FINISHED"
+    trials = [client.get_run(r.mlflow_run_id) for r in rows if r.status != "errored"]
+    assert [t.data.tags[names.PRETRAINED_PATH_TAG] for t in trials] == [weights] * 3
+    # a second search finds the finished run instead of training it again (run_search starts with this)
+    assert starting_weights(cfg, cfg.mlflow.tracking_uri).model.weights == weights
+    assert len(client.search_runs([trained.info.experiment_id])) == 1
 
 
 def test_warm_start_is_relative_to_the_config_file(tmp_path):
