@@ -288,10 +288,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """A copy of ``values`` with each ``a.b.c=value`` set (sections created where missing)."""
+    """A copy of ``values`` with each ``a.b.c=value`` set (sections created where missing). Under
+    ``tune.space`` the rest of the key is one searched config key: ``tune.space.train.lr0=...``."""
     out = yaml.safe_load(yaml.safe_dump(values))
     for text in overrides:
         path, value = parse_override(text)
+        if path[:2] == ["tune", "space"] and len(path) > 3:
+            # a searched key is one key of tune.space, dots and all: tune.space.train.lr0={uniform: [...]}
+            path = ["tune", "space", ".".join(path[2:])]
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})

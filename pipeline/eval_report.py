@@ -9,7 +9,7 @@ from typing import Any
 
 from pipeline import names
 from pipeline.confusion import CONF_THRES, IOU_THRES
-from pipeline.plots import plot_confusion_matrix, plot_pr_curves
+from pipeline.plots import drawn, plot_confusion_matrix, plot_pr_curves
 from pipeline.validate import Evaluation
 
 # pycocotools' own wording of its 12 numbers, in its order (pipeline.coco_eval.STATS)
@@ -98,23 +98,23 @@ def write_per_class_csv(evaluation: Evaluation, path: str | Path) -> Path:
 
 def write_artifacts(evaluation: Evaluation, directory: str | Path) -> list[Path]:
     """The per-class CSV, the precision-recall curves and the confusion matrix, in ``directory`` under
-    the names in ``pipeline.names``."""
+    the names in ``pipeline.names``; a picture that fails to draw is left out with a warning."""
     directory = Path(directory)
     scores = evaluation.scores
+    pr_curves = directory / names.PR_CURVES_PNG
+    confusion = directory / names.CONFUSION_PNG
     return [
         write_per_class_csv(evaluation, directory / names.PER_CLASS_CSV),
-        plot_pr_curves(
-            scores.precision[0],
-            scores.recall_thresholds,
-            evaluation.class_names,
-            scores.ap50,
-            directory / names.PR_CURVES_PNG,
+        *drawn(
+            "the precision-recall curves",
+            lambda: plot_pr_curves(
+                scores.precision[0], scores.recall_thresholds, evaluation.class_names, scores.ap50, pr_curves
+            ),
         ),
-        plot_confusion_matrix(
-            evaluation.confusion,
-            evaluation.class_names,
-            CONF_THRES,
-            IOU_THRES,
-            directory / names.CONFUSION_PNG,
+        *drawn(
+            "the confusion matrix",
+            lambda: plot_confusion_matrix(
+                evaluation.confusion, evaluation.class_names, CONF_THRES, IOU_THRES, confusion
+            ),
         ),
     ]

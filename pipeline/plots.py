@@ -3,12 +3,34 @@ validation images with boxes drawn."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def drawn(what: str, draw: Callable[[], Path]) -> list[Path]:
+    """``[draw()]``, or ``[]`` and one warning naming ``what`` when drawing or writing it fails: a picture
+    is a view of a run, and a plotting library's failure (a font, a backend, a full disk) must never cost
+    the run, its checkpoint or its metrics."""
+    try:
+        return [draw()]
+    except Exception as e:  # noqa: BLE001 -- whatever the plotting stack raises
+        log.warning("%s not drawn (%s: %s); going on without it", what, type(e).__name__, e)
+        return []
+
+
+def write_rgb(image: np.ndarray, path: str | Path) -> Path:
+    """An RGB uint8 HxWx3 image as a picture file (PNG/JPEG by the suffix); OSError when none was written
+    (OpenCV reports a failed write only by its return value)."""
+    if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"could not write {path}")
+    return Path(path)
 
 
 def plot_curves(history: Sequence[dict[str, float]], path: str | Path) -> Path:

@@ -107,9 +107,11 @@ class TransferReport:
         )
 
 
-def sha256_of(path: str | Path) -> str:
+def sha256_of(location: str | Path) -> str:
+    """The sha256 of the file at ``location``, a local path or an object-store URL, read as a stream (an
+    object is hashed as it arrives, never written to disk)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_input(location) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

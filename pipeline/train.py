@@ -80,11 +80,24 @@ def ensure_ray(address: str | None) -> None:
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1")
 
 
+# Ray Train 2.60 logs every `ray.train.report` of every rank at INFO with all its metrics ("Reporting
+# training result ..."): twice an epoch, and more than the rest of a job's log. It has no option for it; the
+# logger is named by its module's file path, so its level is set by that name (a Ray that moves the module
+# logs the lines again; tests/test_job_submit.py notices).
+RAY_REPORT_LOGGER = str(Path(ray.train.__file__).parent / "v2" / "_internal" / "execution" / "context.py")
+
+
+def quiet_ray_report_log() -> None:
+    """Keep Ray Train's per-report metric dump out of the job log (warnings from that logger still show)."""
+    logging.getLogger(RAY_REPORT_LOGGER).setLevel(logging.WARNING)
+
+
 def train_worker(loop_config: dict[str, Any]) -> dict[str, str] | None:
     """Ray Train worker entry: the engine's epoch loop on this worker's rank, resumed from Ray's latest
     loadable checkpoint, reporting each epoch (rank 0 attaches the checkpoint). ``loop_config["step_hooks"]``
     adds step hooks (the tests' fault injection). Returns ``{names.STOP_CAUSE: ...}`` when the model
     diverged (rank 0's return value is the run's ``Result.return_value``)."""
+    quiet_ray_report_log()
     cfg = config_from_dict(loop_config["config"])
     context = ray.train.get_context()
     state = build_train_state(
@@ -281,18 +294,27 @@ class MlflowEpochLogger(ray.train.UserCallback):
         self._wake.set()
 
     def _send_forever(self) -> None:
+        """Send what the callback queues; an outage is told twice, when it starts and when it ends."""
         while True:
             self._wake.wait()
             self._wake.clear()
-            waited = 0.0
-            while not self._outbox.send(patience_s=60.0):
-                waited += 60.0
-                _controller_log().warning(
-                    "MLflow %s unreachable for %.0f s (%s); training goes on, %d records queued",
-                    self.tracking_uri, waited, self._outbox.last_error, len(self._outbox),
-                )  # fmt: skip
+            if not self._outbox.send(patience_s=0):
+                self._wait_out_outage()
             if len(self._outbox) == 0:
                 self._drained.set()
+
+    def _wait_out_outage(self) -> None:
+        away = time.monotonic()
+        _controller_log().warning(
+            "MLflow %s unreachable (%s): training goes on, %d records queued, retried every %.0f s or sooner",
+            self.tracking_uri, self._outbox.last_error, len(self._outbox), self._outbox.max_wait_s,
+        )  # fmt: skip
+        while not self._outbox.send(patience_s=self._outbox.max_wait_s):
+            pass
+        _controller_log().info(
+            "MLflow %s answers again after %.0f s: the queued records are sent",
+            self.tracking_uri, time.monotonic() - away,
+        )  # fmt: skip
 
 
 def fit(

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import yaml
@@ -22,7 +21,7 @@ from pipeline.data.loader import make_val_loader
 from pipeline.data.manifest import coco_json_path, manifest_path
 from pipeline.data.synthetic import write_synthetic_dataset
 from pipeline.eval_report import write_artifacts
-from pipeline.plots import plot_curves
+from pipeline.plots import drawn, plot_curves, write_rgb
 from pipeline.tracking import (
     UNSENT_FILE,
     TrackingOutbox,
@@ -233,16 +232,19 @@ def _log_final_artifacts(
         config_file = Path(d) / "config.yaml"
         config_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         client.log_artifact(run_id, str(config_file))
+        pictures = []
         if checkpoints.latest is not None and checkpoints.latest.history:
-            client.log_artifact(run_id, str(plot_curves(checkpoints.latest.history, Path(d) / "curves.png")))
+            history = checkpoints.latest.history
+            pictures += drawn("the loss/mAP curves", lambda: plot_curves(history, Path(d) / "curves.png"))
         shown = checkpoints.best or checkpoints.latest
         if shown is not None:
-            grid = prediction_grid(shown, cfg, val_manifest)
-            picture = Path(d) / names.PREDICTIONS_PNG
-            cv2.imwrite(str(picture), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
-            client.log_artifact(run_id, str(picture))
-            for path in write_artifacts(_evaluation(shown, cfg, val_manifest), d):
-                client.log_artifact(run_id, str(path))
+            pictures += drawn(
+                "the val prediction grid",
+                lambda: write_rgb(prediction_grid(shown, cfg, val_manifest), Path(d) / names.PREDICTIONS_PNG),
+            )
+            pictures += write_artifacts(_evaluation(shown, cfg, val_manifest), d)
+        for path in pictures:
+            client.log_artifact(run_id, str(path))
 
 
 def _evaluation(state: TrainingCheckpoint, cfg: Config, val_manifest: Manifest) -> Evaluation:

@@ -19,6 +19,7 @@ A search space in the config maps dotted keys to one domain each::
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import os
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 # Each epoch report of a trial waits up to this long for its MLflow records to be sent: ASHA may stop the
 # trial as soon as it sees the report. Bounded so that an unreachable server only slows a trial down.
 TRIAL_TRACKING_DRAIN_S = 30.0
+SPACE_FILE = "search_space.json"  # in the search's folder: the tune.space it started with
 DEFAULT_SPACE: dict[str, dict[str, list]] = {
     "loss.aux_weight": {"uniform": [0.1, 1.0]},
     "loss.lead_weight": {"uniform": [0.25, 1.0]},
@@ -171,19 +173,17 @@ def _trial(config: dict[str, Any], search: Search) -> None:
     )
     run_id = run.info.run_id
     client.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
-    try:
-        cfg = trial_config(search.base, params, run_name)
-        result = fit(
-            cfg,
-            tracking=(search.tracking_uri, run_id),
-            callbacks=[TuneReportCallback()],
-            tracking_drain_s=TRIAL_TRACKING_DRAIN_S,
-        )
-        send_missing_epochs(search.tracking_uri, run_id, result)
-    except BaseException:
-        client.set_tag(run_id, names.TRIAL_STATUS_TAG, "errored")
-        client.set_terminated(run_id, status="FAILED")
-        raise
+    # The run's final status is written by the driver alone (_finalise_trials, from Tune's view): when ASHA
+    # stops a trial, this function is torn down with an exception that looks like any other, and a status
+    # written here landed after the driver's and turned a trial stopped early into an errored one.
+    cfg = trial_config(search.base, params, run_name)
+    result = fit(
+        cfg,
+        tracking=(search.tracking_uri, run_id),
+        callbacks=[TuneReportCallback()],
+        tracking_drain_s=TRIAL_TRACKING_DRAIN_S,
+    )
+    send_missing_epochs(search.tracking_uri, run_id, result)
 
 
 def send_missing_epochs(uri: str, run_id: str, result: ray.train.Result) -> None:
@@ -286,7 +286,12 @@ def _parent_run(client: MlflowClient, cfg: Config, resuming: bool) -> tuple[str,
 
 def run_search(cfg: Config) -> list[TrialRow]:
     """Run (or resume, same ``tune.name`` and ``ray.storage_path``) the search; returns the table."""
+    check_metric_in_every_report(cfg)
     space = build_space(cfg.tune.space, cfg.to_dict())
+    path = str(storage.locate(cfg.ray.storage_path, cfg.tune.name))  # a folder, or a URL in object storage
+    resuming = tune.Tuner.can_restore(path)
+    if resuming:
+        check_same_space(cfg, path)
     prepare_data(cfg)
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     check_tracking_uri(uri)
@@ -294,8 +299,6 @@ def run_search(cfg: Config) -> list[TrialRow]:
     cfg = starting_weights(cfg, uri)
     base = cfg.to_dict()
     client = MlflowClient(uri)
-    path = str(storage.locate(cfg.ray.storage_path, cfg.tune.name))  # a folder, or a URL in object storage
-    resuming = tune.Tuner.can_restore(path)
     exp_id, parent_id = _parent_run(client, cfg, resuming)
     # The trial function only drives its Ray Train run: it asks for a little memory and no CPU, so the
     # CPUs (and GPUs) all go to the trials' Ray Train workers.
@@ -306,6 +309,9 @@ def run_search(cfg: Config) -> list[TrialRow]:
         log.info("resuming the search in %s", path)
         tuner = tune.Tuner.restore(path, trainable, param_space=param_space, resume_errored=False)
     else:
+        storage.write_bytes(
+            storage.locate(path, SPACE_FILE), json.dumps(space_record(cfg), indent=1).encode()
+        )
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
@@ -324,6 +330,50 @@ def run_search(cfg: Config) -> list[TrialRow]:
     if rows and all(r.status == "errored" for r in rows):
         raise SearchError(no_trial_finished(rows))
     return rows
+
+
+def space_record(cfg: Config) -> dict[str, Any]:
+    """The search space as a search records it when it starts (``SPACE_FILE`` in its folder): plain JSON."""
+    return json.loads(json.dumps(cfg.tune.space or DEFAULT_SPACE, sort_keys=True))
+
+
+def check_same_space(cfg: Config, path: str) -> None:
+    """A rerun resumes the search in ``path`` only with the space it started with: Ray's restore checks
+    the searched keys alone (and raises a ValueError from deep inside), and new ranges or choices would
+    mix trials of two searches in one table. Searches started before the record existed are not checked."""
+    recorded = storage.locate(path, SPACE_FILE)
+    if not storage.is_file(recorded):
+        return
+    before, now = json.loads(storage.read_bytes(recorded)), space_record(cfg)
+    if before == now:
+        return
+    changed = [
+        f"{key}: {json.dumps(before.get(key))} -> {json.dumps(now.get(key))}"
+        for key in sorted(before.keys() | now.keys())
+        if before.get(key) != now.get(key)
+    ]
+    raise SearchError(
+        f"search {cfg.tune.name} in {path} started with another tune.space ({'; '.join(changed)}); a rerun "
+        f"resumes it only with the same space: give this search a new tune.name, or remove {path} to start "
+        f"{cfg.tune.name} afresh (its trials' MLflow runs stay)"
+    )
+
+
+def check_metric_in_every_report(cfg: Config) -> None:
+    """Tune needs ``tune.metric`` in every epoch's report (a report without it errors the trial), and a
+    ``val/`` metric is measured only every ``train.val_every`` epochs: refuse a search where it would be
+    missing, before any data or trial."""
+    if not cfg.tune.metric.startswith(names.VAL_PREFIX):
+        return
+    searched = "train.val_every" in cfg.tune.space
+    if cfg.train.val_every > 1 or searched:
+        setting = (
+            "tune.space searches train.val_every" if searched else f"train.val_every={cfg.train.val_every}"
+        )
+        raise SearchError(
+            f"{setting}, but tune.metric {cfg.tune.metric} is a validation metric, which Tune needs after "
+            "every epoch: set train.val_every=1 for a search, or rank trials by a train/ metric"
+        )
 
 
 def no_trial_finished(rows: list[TrialRow]) -> str:

@@ -92,7 +92,11 @@ def _registered_source(uri: str, client: MlflowClient) -> str:
             "and its pruned, fused network cannot be trained"
         )
     recorded = version.tags.get(names.LINEAGE_SHA256_TAG)
-    if recorded and Path(path).is_file() and sha256_of(path) != recorded:
+    try:
+        changed = recorded and storage.is_file(path) and sha256_of(path) != recorded
+    except StorageError as e:
+        raise PretrainedError(f"model.weights {uri}: {e}") from e
+    if changed:
         raise PretrainedError(
             f"model.weights {uri}: {path} has changed since version {version.version} was registered "
             f"(sha256 {recorded[:12]}... recorded)"

@@ -82,6 +82,22 @@ def test_bad_override_syntax_is_rejected():
         load_config(None, ["train.epochs"])
 
 
+def test_an_override_under_tune_space_sets_one_searched_key_with_its_dots(tmp_path):
+    path = write(tmp_path, "tune:\n  space:\n    loss.aux_weight: {uniform: [0.1, 1.0]}\n")
+    cfg = load_config(
+        path,
+        [
+            "tune.space.train.lr0={loguniform: [0.001, 0.1]}",
+            "tune.space.data.augment.scale={choice: [0.2, 0.5]}",
+        ],
+    )
+    assert cfg.tune.space == {
+        "loss.aux_weight": {"uniform": [0.1, 1.0]},
+        "train.lr0": {"loguniform": [0.001, 0.1]},
+        "data.augment.scale": {"choice": [0.2, 0.5]},
+    }
+
+
 def test_missing_file_and_invalid_yaml_are_reported(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")

@@ -197,6 +197,45 @@ def test_a_local_run_trains_checkpoints_and_resumes_without_ray(tiny_shards, tmp
     assert "checkpoint_000003" in kept and len(kept) <= 2  # the best one and the latest
 
 
+@pytest.mark.slow
+def test_pictures_that_fail_to_draw_cost_a_warning_each_and_never_the_run(
+    tiny_shards, tmp_path, monkeypatch, caplog
+):
+    import cv2
+    from matplotlib.figure import Figure
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import names
+    from pipeline.train_job import run_training
+
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)  # every matplotlib picture
+    monkeypatch.setattr(cv2, "imwrite", lambda *args, **kwargs: False)  # the prediction grids
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    overrides = [
+        f"ray.storage_path={tmp_path / 'runs'}",
+        f"mlflow.tracking_uri={uri}",
+        "ray.run_name=undrawn",
+    ]
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        summary = run_training(config(tiny_shards, *overrides, "train.epochs=1"), local=True)
+
+    assert summary.epochs == 1 and load_checkpoint(summary.latest_checkpoint).epoch == 1
+    # each epoch's curves and grid, then the end of the run's curves, grid, PR curves and confusion matrix
+    expected = ["the loss/mAP curves", "the val prediction grid"] * 2
+    expected += ["the precision-recall curves", "the confusion matrix"]
+    warned = [
+        r.getMessage().split(" not drawn (")[0] for r in caplog.records if " not drawn (" in r.getMessage()
+    ]
+    assert sorted(warned) == sorted(expected)
+    client = MlflowClient(uri)
+    run = client.get_run(summary.mlflow_run_id)
+    assert run.info.status == "FINISHED" and "val/map50_95" in run.data.metrics
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", names.PER_CLASS_CSV}
+
+
 @pytest.mark.parametrize(
     "extra",
     [

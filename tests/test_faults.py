@@ -245,6 +245,38 @@ def phone_photo() -> bytes:
     return out.getvalue()
 
 
+def camera_photo(orientation: int | None) -> bytes:
+    """A 32x16 JPEG with an EXIF block (a camera model, and the orientation tag when given)."""
+    import io
+
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0110] = "test camera"  # Model
+    if orientation is not None:
+        exif[0x0112] = orientation
+    out = io.BytesIO()
+    Image.new("RGB", (32, 16), (90, 120, 30)).save(out, "JPEG", quality=95, exif=exif)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("orientation", [None, 1])
+def test_a_photo_with_exif_that_needs_no_turn_keeps_its_bytes(orientation):
+    import numpy as np
+
+    from pipeline.data.readers import Record
+    from pipeline.data.writer import encode_record
+
+    photo = camera_photo(orientation)
+    assert b"Exif\x00\x00" in photo
+    record = Record(
+        "cam", "cam.jpg", np.array([[2, 2, 20, 10]], np.float32), np.array([0]), image_bytes=photo
+    )
+    sample, problems = encode_record(record, num_classes=1, max_side=None)
+    assert sample.jpeg == photo and (sample.width, sample.height) == (32, 16)
+    assert problems == [("kept_exif_not_turned", "cam.jpg (source id cam)")]
+
+
 def test_the_header_size_of_a_rotated_photo_is_its_displayed_size():
     from pipeline.data.readers import image_size
 
@@ -263,7 +295,7 @@ def test_a_box_drawn_on_the_displayed_photo_lands_on_the_same_pixels_in_the_shar
     sample, problems = encode_record(record, num_classes=1, max_side=None)
 
     assert (sample.width, sample.height) == (32, 64) and np.array_equal(sample.boxes, box)
-    assert ("reencoded_exif", "phone.jpg (source id phone)") in problems
+    assert ("reencoded_exif_turned", "phone.jpg (source id phone)") in problems
     stored = cv2.imdecode(
         np.frombuffer(sample.jpeg, np.uint8), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION
     )

@@ -22,9 +22,10 @@ REPO = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture
-def ray_head(tmp_path):
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
     """A Ray head started as a subprocess and stopped by its own process group."""
+    tmp_path = tmp_path_factory.mktemp("head")
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "token",
@@ -76,8 +77,12 @@ def ray_head(tmp_path):
         log.close()
 
 
-def test_ray_job_submit_trains_checkpoints_and_tracks(tmp_path, tiny_shards, ray_head):
+@pytest.fixture(scope="module")
+def submitted(tmp_path_factory, tiny_shards, ray_head) -> tuple[subprocess.CompletedProcess, Path]:
+    """``ray job submit ... -- python -m jobs.train ...`` (1 epoch of 2 steps on 2 workers) that ended, and
+    the folder of its Ray storage and MLflow store."""
     address, env = ray_head
+    tmp_path = tmp_path_factory.mktemp("submitted")
     db = tmp_path / "mlflow.db"
     overrides = [
         "model.name=yolov9-t",
@@ -117,6 +122,12 @@ def test_ray_job_submit_trains_checkpoints_and_tracks(tmp_path, tiny_shards, ray
         timeout=600,
     )
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    return submit, tmp_path
+
+
+def test_ray_job_submit_trains_checkpoints_and_tracks(submitted, ray_head):
+    (submit, tmp_path), (address, env) = submitted, ray_head
+    db = tmp_path / "mlflow.db"
     job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
     status = subprocess.run(
         [str(BIN / "ray"), "job", "status", "--address", address, job_id],
@@ -132,3 +143,9 @@ def test_ray_job_submit_trains_checkpoints_and_tracks(tmp_path, tiny_shards, ray
     (run,) = client.search_runs([client.get_experiment_by_name("submit").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.tags["ray.job_id"]
+
+
+def test_the_job_log_has_the_epoch_line_and_not_rays_per_report_metric_dump(submitted):
+    log = submitted[0].stdout + submitted[0].stderr
+    assert re.search(r"epoch 1/1 .*mAP50-95=", log), log[-3000:]
+    assert "Reporting training result" not in log, log[-3000:]

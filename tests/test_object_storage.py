@@ -1,18 +1,22 @@
 """Shards, manifests and ground truth in object storage: written to and read from a real S3 server (moto's,
 on 127.0.0.1) through the standard AWS_* environment, as on a cluster with a bucket."""
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from jobs import make_shards
-from pipeline import storage
+from pipeline import names, storage
 from pipeline.coco_eval import load_ground_truth
 from pipeline.data import DataError, read_manifest
 from pipeline.data.loader import make_val_loader
 from pipeline.data.manifest import coco_json_path, manifest_path
+from pipeline.pretrained import PretrainedError, sha256_of
 from pipeline.storage import StorageError
+from pipeline.weights_source import resolve_weights
 from tests.conftest import free_port
 from tests.s3_server import S3Server, start_s3_server
 
@@ -79,6 +83,23 @@ def test_writing_over_a_split_in_the_bucket_needs_overwrite(bucket_val):
     argv = ["--format", "synthetic", "--out", bucket_val, "--split", "val", "--num", "10"]
     with pytest.raises(DataError, match="already holds split 'val'"):
         make_shards.main(argv)
+
+
+def test_a_registered_file_in_the_bucket_is_checked_against_its_recorded_sha256(s3, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    weights = f"s3://{BUCKET}/weights/registered.pt"
+    storage.write_bytes(weights, b"the registered bytes")
+    recorded = hashlib.sha256(b"the registered bytes").hexdigest()
+    client.create_registered_model("det")
+    tags = {names.SOURCE_CHECKPOINT_TAG: weights, names.LINEAGE_SHA256_TAG: recorded}
+    client.create_model_version("det", "file:///nowhere/model", tags=tags)
+    assert sha256_of(weights) == recorded
+    assert resolve_weights("models:/det/1", uri) == weights
+
+    storage.write_bytes(weights, b"other bytes")
+    with pytest.raises(PretrainedError, match=f"{weights} has changed since version 1 was registered"):
+        resolve_weights("models:/det/1", uri)
 
 
 def test_a_missing_bucket_is_named(s3):

@@ -21,10 +21,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.mlflow, pytest.mark
 BUCKET = "team"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3(tmp_path_factory) -> S3Server:
-    """The S3 server and its AWS_* environment, set before the module's Ray instance starts (its workers
-    inherit it, as pods and VMs of a cluster get theirs)."""
+    """The S3 server and its AWS_* environment, set before the process's Ray instance starts (its workers
+    inherit it, as pods and VMs of a cluster get theirs). This module runs in a process of its own."""
     server = start_s3_server(tmp_path_factory.mktemp("s3") / "moto.log")
     server.create_bucket(BUCKET)
     try:
@@ -34,6 +34,12 @@ def s3(tmp_path_factory) -> S3Server:
             yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def local_ray(s3, local_ray):
+    """The process's Ray instance (tests/conftest.py), started only once the S3 environment is set."""
+    return local_ray
 
 
 def test_shards_train_resume_evaluate_register_all_in_the_bucket(

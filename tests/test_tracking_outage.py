@@ -37,7 +37,15 @@ ray.cloudpickle.register_pickle_by_value(waiting)
 @pytest.mark.ray
 @pytest.mark.mlflow
 @pytest.mark.slow
-def test_a_tracking_server_that_goes_away_and_comes_back_gets_every_epoch_once(
+def controller_output(ray_module) -> list[str]:
+    """The lines Ray Train's controllers (and every other worker process) of this instance printed."""
+    logs = Path(ray_module._private.worker._global_node.get_logs_dir_path())
+    return [
+        line for f in sorted(logs.glob("worker-*.out")) for line in f.read_text(errors="replace").splitlines()
+    ]
+
+
+def test_a_tracking_server_that_goes_away_and_comes_back_gets_every_epoch_once_and_is_told_once(
     tmp_path, tiny_shards, local_ray, mlflow_server
 ):
     restart = tmp_path / "restart-now"
@@ -81,3 +89,7 @@ def test_a_tracking_server_that_goes_away_and_comes_back_gets_every_epoch_once(
     assert {"curves.png", "val_predictions.png"} <= {
         a.path for a in client.list_artifacts(summary.mlflow_run_id)
     }
+    # the job log: one warning when the server went away, one line when it answered again, none per retry
+    told = [line for line in controller_output(local_ray) if f"MLflow {uri} " in line]
+    assert len(told) == 2, told
+    assert "unreachable" in told[0] and "records queued" in told[0] and "answers again" in told[1], told

@@ -1,6 +1,7 @@
 """A real small search: Ray Tune trials that are Ray Train runs, ASHA, a failing trial, MLflow runs."""
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from pipeline.tune import (
     SearchError,
     TrialRow,
     build_space,
+    check_metric_in_every_report,
     ranking_table,
     run_search,
     search_algorithm,
@@ -129,6 +131,15 @@ def test_mlflow_holds_the_parent_and_one_nested_run_per_trial(search):
         assert len(list(csv.DictReader(f))) == len(rows)
 
 
+def test_every_trials_mlflow_status_agrees_with_the_searchs_table(search):
+    cfg, rows = search
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    for row in rows:
+        run = client.get_run(row.mlflow_run_id)
+        assert run.data.tags[names.TRIAL_STATUS_TAG] == row.status, row
+        assert run.info.status == ("FAILED" if row.status == "errored" else "FINISHED"), row
+
+
 def test_rerunning_the_search_resumes_without_training_again(search):
     cfg, rows = search
     client = MlflowClient(cfg.mlflow.tracking_uri)
@@ -139,6 +150,21 @@ def test_rerunning_the_search_resumes_without_training_again(search):
     assert sorted((r.params["loss.aux_weight"], r.status) for r in again) == sorted(
         (r.params["loss.aux_weight"], r.status) for r in rows
     )
+
+
+def test_a_rerun_with_another_space_is_refused_naming_the_change_before_any_trial(search):
+    cfg, _ = search
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    exp = client.get_experiment_by_name("search")
+    before = len(client.search_runs([exp.experiment_id]))
+    space = {**cfg.tune.space, "loss.tal_topk": {"choice": [7, 10]}}
+    with pytest.raises(
+        SearchError,
+        match=r"search small in .* started with another tune.space "
+        r'\(loss.tal_topk: \{"choice": \[7, 13\]\} -> \{"choice": \[7, 10\]\}\).* a new tune.name',
+    ):
+        run_search(replace(cfg, tune=replace(cfg.tune, space=space)))
+    assert len(client.search_runs([exp.experiment_id])) == before
 
 
 def test_an_errored_trial_keeps_its_error_and_error_file(search):
@@ -166,6 +192,19 @@ def test_an_unknown_search_key_fails_before_any_trial():
         build_space({"loss.aux_wieght": {"uniform": [0.1, 1.0]}}, cfg.to_dict())
     with pytest.raises(SearchError, match="expected one of"):
         build_space({"loss.aux_weight": {"between": [0.1, 1.0]}}, cfg.to_dict())
+
+
+def test_a_search_by_a_validation_metric_measured_every_other_epoch_is_refused_before_any_trial():
+    cfg = load_config(None, ["train.val_every=2"])
+    with pytest.raises(SearchError, match=r"train.val_every=2, but tune.metric val/map50_95 is a validation"):
+        run_search(cfg)
+    searched = load_config(None, ["tune.space={train.val_every: {choice: [1, 2]}}"])
+    with pytest.raises(SearchError, match=r"tune.space searches train.val_every"):
+        run_search(searched)
+
+
+def test_a_search_by_a_training_metric_may_validate_every_other_epoch():
+    check_metric_in_every_report(load_config(None, ["train.val_every=2", "tune.metric=train/total"]))
 
 
 def test_the_same_seed_samples_the_same_trials():

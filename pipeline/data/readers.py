@@ -348,6 +348,18 @@ def image_size(data: bytes) -> tuple[int, int] | None:
     if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and data[12:16] == b"IHDR":
         width, height = struct.unpack(">II", data[16:24])
         return (width, height) if width and height else None
+    frame = jpeg_frame(data)
+    if frame is None:
+        return None
+    width, height, orientation = frame
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    return (width, height) if width and height else None
+
+
+def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height) as stored and the EXIF orientation (1-8; 1 when absent) of a JPEG, from its header;
+    None when the bytes are not a JPEG or are cut short before the frame header."""
     if data[:2] != b"\xff\xd8":
         return None
     pos, orientation = 2, 1
@@ -369,9 +381,7 @@ def image_size(data: bytes) -> tuple[int, int] | None:
             if pos + 9 > len(data):
                 return None
             height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
-            if orientation in (5, 6, 7, 8):
-                width, height = height, width
-            return (width, height) if width and height else None
+            return width, height, orientation
         pos += 2 + length
     return None
 

@@ -37,7 +37,7 @@ from pipeline.data.manifest import (
     write_json_atomic,
     write_manifest,
 )
-from pipeline.data.readers import Record, Report, SourceGroundTruth
+from pipeline.data.readers import Record, Report, SourceGroundTruth, jpeg_frame
 from pipeline.storage import Location
 
 log = logging.getLogger(__name__)
@@ -76,9 +76,11 @@ def encode_record(
     """Check one record and produce the sample to store (None if the image is unusable) plus problems found.
 
     Keeps the original JPEG bytes unless the image must shrink to ``max_side`` pixels (longest side), is not
-    a JPEG, or carries EXIF data; those are re-encoded. The image is decoded as displayed, its EXIF
-    orientation applied (labels of every format refer to the image a person saw when drawing them), and
-    a JPEG with EXIF is stored re-encoded in that orientation, without EXIF, so no decoder can turn it again.
+    a JPEG, or must be turned; those are re-encoded. The image is decoded as displayed, its EXIF
+    orientation applied (labels of every format refer to the image a person saw when drawing them), and a
+    JPEG whose EXIF orientation turns or mirrors it (2-8) is stored re-encoded as displayed, without EXIF,
+    so no decoder can turn it again. A JPEG with EXIF that needs no turn (orientation absent or 1, most
+    photos of most cameras) keeps its bytes: a second lossy compression would cost quality for nothing.
     """
     where = f"{record.file_name} (source id {record.source_id})"
     if record.image_bytes is not None:
@@ -105,10 +107,14 @@ def encode_record(
         boxes = boxes * np.array([new_w / width, new_h / height] * 2, np.float32)
         width, height = new_w, new_h
         reasons.append("resized")
-    if data[:3] != b"\xff\xd8\xff":
+    is_jpeg = data[:3] == b"\xff\xd8\xff"
+    frame = jpeg_frame(data) if is_jpeg else None
+    if not is_jpeg:
         reasons.append("reencoded_non_jpeg")
+    elif frame is not None and frame[2] != 1:
+        reasons.append("reencoded_exif_turned")
     elif data.find(b"Exif\x00\x00", 0, 65536) != -1:
-        reasons.append("reencoded_exif")
+        problems.append(("kept_exif_not_turned", where))
     if reasons:
         ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         if not ok:

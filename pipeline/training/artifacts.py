@@ -6,13 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import torch
 
 from pipeline import names
 from pipeline.data.loader import make_val_loader
 from pipeline.pgi import plot_pgi
-from pipeline.plots import plot_curves
+from pipeline.plots import drawn, plot_curves, write_rgb
 from pipeline.training.state import TrainState
 from pipeline.validate import render_predictions
 
@@ -22,11 +21,21 @@ GRID_IMAGES = 8
 
 def write_epoch_artifacts(state: TrainState, directory: str | Path) -> list[Path]:
     """``curves.png``, the PGI diagnostics plot (when the run has them) and the prediction grid in
-    ``directory``; their paths. Call on rank 0 only."""
+    ``directory``; the paths of those drawn (one that fails is left out with a warning). Call on rank 0."""
     directory = Path(directory)
-    written = [plot_curves(state.history, directory / CURVES_PNG)] if state.history else []
+    pictures = []
+    if state.history:
+        pictures += drawn("the loss/mAP curves", lambda: plot_curves(state.history, directory / CURVES_PNG))
     if any(k.startswith(names.PGI_PREFIX) for h in state.history for k in h):
-        written.append(plot_pgi(state.history, directory / names.PGI_PNG))
+        pictures += drawn("the PGI plot", lambda: plot_pgi(state.history, directory / names.PGI_PNG))
+    pictures += drawn(
+        "the val prediction grid", lambda: write_prediction_grid(state, directory / names.PREDICTIONS_PNG)
+    )
+    return pictures
+
+
+def write_prediction_grid(state: TrainState, path: Path) -> Path:
+    """The EMA model's boxes on the first ``GRID_IMAGES`` val images, as one picture."""
     loader = make_val_loader(
         state.data.val,
         batch_size=GRID_IMAGES,
@@ -37,6 +46,4 @@ def write_epoch_artifacts(state: TrainState, directory: str | Path) -> list[Path
     )
     with torch.no_grad():
         grid = render_predictions(state.ema.module, loader, state.data.val_coco_json, GRID_IMAGES)
-    picture = directory / names.PREDICTIONS_PNG
-    cv2.imwrite(str(picture), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
-    return [*written, picture]
+    return write_rgb(grid, path)
