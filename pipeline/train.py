@@ -304,13 +304,17 @@ class MlflowEpochLogger(ray.train.UserCallback):
                 self._drained.set()
 
     def _wait_out_outage(self) -> None:
-        away = time.monotonic()
+        """Retry until the server answers: at once when the next epoch is queued (so that a server that came
+        back is noticed while the run still goes on), else after 1, 2, 4 ... up to ``max_wait_s`` seconds."""
+        away, pause = time.monotonic(), 1.0
         _controller_log().warning(
-            "MLflow %s unreachable (%s): training goes on, %d records queued, retried every %.0f s or sooner",
-            self.tracking_uri, self._outbox.last_error, len(self._outbox), self._outbox.max_wait_s,
+            "MLflow %s unreachable (%s): training goes on, %d records queued, retried each epoch or sooner",
+            self.tracking_uri, self._outbox.last_error, len(self._outbox),
         )  # fmt: skip
-        while not self._outbox.send(patience_s=self._outbox.max_wait_s):
-            pass
+        while not self._outbox.send(patience_s=0):
+            self._wake.wait(timeout=pause)
+            self._wake.clear()
+            pause = min(pause * 2, self._outbox.max_wait_s)
         _controller_log().info(
             "MLflow %s answers again after %.0f s: the queued records are sent",
             self.tracking_uri, time.monotonic() - away,
