@@ -31,6 +31,7 @@ from pipeline.tracking import (
     resolve_tracking_uri,
     start_or_resume_run,
 )
+from pipeline.training.artifacts import CURVES_PNG
 from pipeline.training.local import fit_local, local_run_dir
 from pipeline.validate import Evaluation, evaluate_model, render_predictions
 from pipeline.weights_source import record_start_weights
@@ -235,16 +236,18 @@ def _log_final_artifacts(
         pictures = []
         if checkpoints.latest is not None and checkpoints.latest.history:
             history = checkpoints.latest.history
-            pictures += drawn("the loss/mAP curves", lambda: plot_curves(history, Path(d) / "curves.png"))
+            pictures += drawn("the loss/mAP curves", lambda: plot_curves(history, Path(d) / CURVES_PNG))
         shown = checkpoints.best or checkpoints.latest
         if shown is not None:
             pictures += drawn(
                 "the val prediction grid",
                 lambda: write_rgb(prediction_grid(shown, cfg, val_manifest), Path(d) / names.PREDICTIONS_PNG),
             )
-            pictures += write_artifacts(_evaluation(shown, cfg, val_manifest), d)
-        for path in pictures:
+        for path in pictures:  # logged before the evaluation, which may fail on its own
             client.log_artifact(run_id, str(path))
+        if shown is not None:
+            for path in write_artifacts(_evaluation(shown, cfg, val_manifest), d):
+                client.log_artifact(run_id, str(path))
 
 
 def _evaluation(state: TrainingCheckpoint, cfg: Config, val_manifest: Manifest) -> Evaluation:
