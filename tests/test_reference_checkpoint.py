@@ -265,6 +265,25 @@ def test_numpy_scalars_and_arrays_are_read_as_plain_numbers(reference_modules, t
     assert load_reference_checkpoint(path).reference_info.epoch == 12
 
 
+def test_shapes_recorded_as_torch_size_are_read(reference_modules, tmp_path):
+    """The reference trained with torch 2.14 pickles torch.Size values in its checkpoints."""
+    original = with_random_statistics(build_model("gelan-t", num_classes=2))
+    path = write_reference_file(tmp_path / "size.pt", original, reference_modules, imgsz=torch.Size([64, 48]))
+    assert load_inert(path)["imgsz"] == (64, 48)
+    assert outputs_equal(load_reference_checkpoint(path), original)
+
+
+def test_a_torch_size_of_anything_but_ints_is_refused(tmp_path):
+    class NotASize:
+        def __reduce__(self):
+            return torch.Size, (("rm -rf", 1),)
+
+    path = tmp_path / "size.pt"
+    torch.save({"epoch": 1, "shape": NotASize()}, path)
+    with pytest.raises(CheckpointFormatError, match="torch.Size of something other than a tuple of ints"):
+        load_inert(path)
+
+
 # --- refusals and clear errors ------------------------------------------------------------------
 
 

@@ -6,8 +6,8 @@ reference checkpoint names classes from the reference's own repository (``models
 
 - torch storages (``torch.HalfStorage``, ...) and the tensor/parameter rebuild functions become
   plain tensors (strided views of the storage bytes read from the file, never code);
-- ``collections.OrderedDict``, ``builtins.set``; numpy dtypes, scalars and arrays become plain
-  numbers (decoded with :mod:`struct`, numpy is never imported);
+- ``collections.OrderedDict``, ``builtins.set``, ``torch.Size`` (of ints); numpy dtypes, scalars and
+  arrays become plain numbers (decoded with :mod:`struct`, numpy is never imported);
 - every class from the reference's modules (``models``, ``utils``) or ``torch.nn`` becomes an
   :class:`InertRecord` subclass named after it, holding the arguments and state the file gives it;
 - anything else (a function, ``os.system``, ``builtins.eval``, ...) refuses the whole file with an
@@ -181,6 +181,13 @@ def _latin1_encode(text: Any, encoding: Any = "utf-8") -> bytes:
     return text.encode("latin1")
 
 
+def _torch_size(dims: Any = ()) -> torch.Size:
+    """``torch.Size`` as newer torch versions pickle a module's recorded shapes: from a tuple of ints only."""
+    if not isinstance(dims, tuple | list) or not all(type(d) is int for d in dims):
+        raise CheckpointFormatError("torch.Size of something other than a tuple of ints")
+    return torch.Size(dims)
+
+
 def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_: Any) -> torch.Tensor:
     """A strided view of ``storage`` (a 1-D tensor holding the storage's elements)."""
     if not isinstance(storage, torch.Tensor):
@@ -202,6 +209,8 @@ def _allowed_global(module: str, name: str) -> Any:
     if module == "torch":
         if name in _STORAGE_DTYPES:
             return _StorageType(name)
+        if name == "Size":
+            return _torch_size
         return _TORCH_DTYPES.get(name)
     if module == "torch._utils":
         rebuild: dict[str, Callable[..., Any]] = {
