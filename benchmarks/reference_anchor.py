@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         # torch >= 2.6 loads weights-only by default, which its own end-of-run strip_optimizer predates: the
         # flag applies to its process only, reading the files it just wrote; this one reads them allow-listed
         env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},  # its own modules only
             "YOLOV5_CONFIG_DIR": str(folder / "config"),
             "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1",
         }
