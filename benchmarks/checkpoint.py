@@ -1,6 +1,7 @@
 """How long rank 0 is held per epoch report: a training checkpoint of ``--model`` (weights, EMA weights,
-SGD momentum: what ``pipeline.train.report_epoch`` writes) reported through Ray Train to ``--storage``, with
-Ray Train's synchronous upload (before) and its asynchronous one (what ``report_epoch`` uses now).
+SGD momentum: what ``pipeline.training.ray_train.report_epoch`` writes) reported through Ray Train to
+``--storage``, with Ray Train's synchronous upload (before) and its asynchronous one (what ``report_epoch``
+uses now).
 
     python -m benchmarks.checkpoint --storage /tmp/ckpt-bench
     AWS_ENDPOINT_URL=http://127.0.0.1:9000 python -m benchmarks.checkpoint --storage s3://bucket/ckpt-bench
@@ -28,7 +29,7 @@ from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline.checkpoint import FILENAME, TrainingCheckpoint, save_checkpoint
-from pipeline.train import ensure_ray
+from pipeline.training.ray_train import ensure_ray
 from yolov9 import build_model
 
 

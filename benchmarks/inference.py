@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline.checkpoint import ema_model, load_checkpoint
-from pipeline.export import check_onnx, export_onnx
+from pipeline.registry.export import check_onnx, export_onnx
 from yolov9 import build_model, prune
 
 

@@ -42,7 +42,7 @@ from benchmarks.quality import emit, summary
 from pipeline.data import read_manifest
 from pipeline.data.loader import make_val_loader
 from pipeline.data.manifest import coco_json_path, manifest_path
-from pipeline.validate import evaluate_model
+from pipeline.evaluation.evaluate import evaluate_model
 from yolov9 import load_reference_checkpoint
 
 FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")  # it fetches Arial.ttf otherwise

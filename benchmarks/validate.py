@@ -26,12 +26,12 @@ import numpy as np
 import torch
 
 from pipeline.checkpoint import ema_model, load_checkpoint
-from pipeline.coco_eval import coco_evaluate, detections_from_predictions, load_ground_truth
 from pipeline.data import read_manifest
 from pipeline.data.loader import make_val_loader
 from pipeline.data.manifest import coco_json_path, manifest_path
 from pipeline.data.synthetic import SYNTHETIC_CLASSES, synthetic_records
 from pipeline.data.writer import write_shards
+from pipeline.evaluation.coco import coco_evaluate, detections_from_predictions, load_ground_truth
 from yolov9 import build_model
 from yolov9.postprocess import non_max_suppression
 

@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 
 from jobs.cli import run
-from pipeline.coco_eval import results_json
-from pipeline.eval_report import format_table, report_dict
-from pipeline.validate import checkpoint_evaluation
+from pipeline.evaluation.coco import results_json
+from pipeline.evaluation.evaluate import checkpoint_evaluation
+from pipeline.evaluation.table import format_table, report_dict
 
 
 def main(argv: list[str] | None = None) -> None:

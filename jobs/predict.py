@@ -25,8 +25,8 @@ from mlflow.exceptions import MlflowException
 
 from jobs.cli import run
 from pipeline.data import DataError
-from pipeline.file_detector import FileDetector
 from pipeline.plots import draw_boxes
+from pipeline.registry.file_detector import FileDetector
 from pipeline.tracking import TrackingError, resolve_tracking_uri
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")

@@ -27,7 +27,7 @@ from dataclasses import asdict
 from mlflow.tracking import MlflowClient
 
 from jobs.cli import run
-from pipeline.registry import (
+from pipeline.registry.register import (
     MAP_TOLERANCE,
     REFERENCE_IMGSZ,
     register,
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             experiment=args.experiment,
         )
     elif args.address or os.environ.get("RAY_ADDRESS"):
-        from pipeline.train import ensure_ray  # Ray loads only for a cluster registration
+        from pipeline.training.ray_train import ensure_ray  # Ray loads only for a cluster registration
 
         check_tracking_uri(uri)
         src = resolve_source(args.run, MlflowClient(uri))

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from jobs.cli import run
-from pipeline.report import build_report
+from pipeline.search.study_report import build_report
 from pipeline.tracking import check_tracking_uri, resolve_tracking_uri
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from jobs.cli import run
 from pipeline.config import load_config
-from pipeline.train_job import run_training
+from pipeline.training.job import run_training
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from jobs.cli import run
 from pipeline.config import load_config
-from pipeline.tune import ranking_table, run_search
+from pipeline.search.tune import ranking_table, run_search
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "tune-demo.yaml"
 

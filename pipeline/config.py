@@ -96,7 +96,7 @@ class TrainConfig:
     progress_every_s: float = 30.0  # a progress line every N seconds within an epoch (0: none)
     max_bad_steps: int = 20  # this many skipped (non-finite) steps in a row stop the run
     tracking_patience_s: float = 300.0  # how long the end of a run waits for an unreachable MLflow server
-    # PGI gradient diagnostics (pipeline/pgi.py) after every N-th epoch, on one fixed batch; 0: off
+    # PGI gradient diagnostics (training/pgi_diagnostics.py) every N-th epoch, one fixed batch; 0: off
     pgi_diagnostics_every: int = 0
 
 

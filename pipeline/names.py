@@ -16,7 +16,7 @@ MAP75 = "val/map75"
 MAP_SMALL, MAP_MEDIUM, MAP_LARGE = "val/map_small", "val/map_medium", "val/map_large"
 AR1, AR10, AR100 = "val/ar1", "val/ar10", "val/ar100"
 AR_SMALL, AR_MEDIUM, AR_LARGE = "val/ar_small", "val/ar_medium", "val/ar_large"
-# metric name of each of pipeline.coco_eval.STATS
+# metric name of each of pipeline.evaluation.coco.STATS
 COCO_METRICS = {
     "map50_95": MAP,
     "map50": MAP50,
@@ -42,7 +42,7 @@ HP_LEAD_WEIGHT = "hp/lead_weight"
 HP_TAL_TOPK = "hp/tal_topk"
 HP_LR0 = "hp/lr0"
 TRAIN_PREFIX, DATA_PREFIX, VAL_PREFIX = "train/", "data/", "val/"
-PGI_PREFIX = "pgi/"  # gradient diagnostics: pgi/<stage>/<statistic> (pipeline/pgi.py)
+PGI_PREFIX = "pgi/"  # gradient diagnostics: pgi/<stage>/<statistic> (pipeline/training/pgi_diagnostics.py)
 LOSS_PARTS = ("box", "cls", "dfl")  # suffixes of the per-branch loss metrics (train/main_box, ...)
 SKIPPED_STEPS = "train/skipped_steps"  # steps skipped for a non-finite loss or gradients
 AMP_SKIPPED_STEPS = "train/amp_skipped_steps"  # optimizer steps the fp16 loss scaler skipped (overflow)

@@ -107,7 +107,7 @@ def local_ray():
     instance per process, never a second one after the first."""
     import ray
 
-    from pipeline.train import LOCAL_RAY_TRAIN_ENV
+    from pipeline.training.ray_train import LOCAL_RAY_TRAIN_ENV
 
     started = not ray.is_initialized()
     with pytest.MonkeyPatch.context() as env:

@@ -19,7 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.checkpoint import load_checkpoint
-from pipeline.registry import register
+from pipeline.registry.register import register
 from tests.conftest import free_port, start_group, stop_group
 from tests.waiting import wait_until
 

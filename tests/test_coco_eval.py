@@ -1,4 +1,4 @@
-"""Tests for pipeline.coco_eval: mapping to original pixels, the results format, pycocotools scores."""
+"""Tests for pipeline.evaluation.coco: mapping to original pixels, the results format, pycocotools scores."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.coco_eval import (
+from pipeline.evaluation.coco import (
     STATS,
     coco_evaluate,
     coco_map,

@@ -16,18 +16,18 @@ from pycocotools.cocoeval import COCOeval
 
 from jobs.evaluate import main as evaluate_main
 from pipeline.checkpoint import TrainingCheckpoint, save_checkpoint
-from pipeline.coco_eval import (
+from pipeline.config import Config
+from pipeline.data import read_manifest
+from pipeline.data.loader import make_val_loader
+from pipeline.data.make import make_shards
+from pipeline.data.manifest import coco_json_path, manifest_path
+from pipeline.evaluation.coco import (
     STATS,
     coco_evaluate,
     detections_from_predictions,
     load_ground_truth,
     results_json,
 )
-from pipeline.config import Config
-from pipeline.data import read_manifest
-from pipeline.data.loader import make_val_loader
-from pipeline.data.make import make_shards
-from pipeline.data.manifest import coco_json_path, manifest_path
 from yolov9 import build_model
 
 MAX_SIDE = 96

@@ -9,10 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.coco_eval import coco_evaluate, detections_array, load_ground_truth
-from pipeline.confusion import confusion_matrix, match_image
-from pipeline.eval_report import format_table, report_dict, write_artifacts
-from pipeline.validate import Evaluation
+from pipeline.evaluation.coco import coco_evaluate, detections_array, load_ground_truth
+from pipeline.evaluation.confusion import confusion_matrix, match_image
+from pipeline.evaluation.evaluate import Evaluation
+from pipeline.evaluation.table import format_table, report_dict, write_artifacts
 
 
 def annotation(ann_id: int, image_id: int, category_id: int, bbox: list[float], crowd: int = 0) -> dict:

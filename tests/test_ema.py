@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.ema import ModelEMA
+from pipeline.training.ema import ModelEMA
 
 
 def test_decay_ramps_from_zero_towards_its_nominal_value():

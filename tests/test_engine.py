@@ -180,7 +180,7 @@ def test_progress_lines_come_every_n_seconds_on_rank_0_only(tiny_shards, caplog)
 
 @pytest.mark.slow
 def test_a_local_run_trains_checkpoints_and_resumes_without_ray(tiny_shards, tmp_path):
-    from pipeline.train_job import run_training
+    from pipeline.training.job import run_training
 
     overrides = [
         f"ray.storage_path={tmp_path / 'runs'}",
@@ -206,7 +206,7 @@ def test_pictures_that_fail_to_draw_cost_a_warning_each_and_never_the_run(
     from mlflow.tracking import MlflowClient
 
     from pipeline import names
-    from pipeline.train_job import run_training
+    from pipeline.training.job import run_training
 
     def full_disk(*args, **kwargs):
         raise OSError("No space left on device")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.export import (
+from pipeline.registry.export import (
     DETECTION_CONF,
     ExportError,
     check_onnx,

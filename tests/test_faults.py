@@ -23,10 +23,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.checkpoint import load_checkpoint
-from pipeline.ema import unwrap
 from pipeline.errors import PipelineError
-from pipeline.train_job import run_training
 from pipeline.training import TrainingData, TrainingDiverged, build_train_state, run_epoch, train_one_epoch
+from pipeline.training.ema import unwrap
+from pipeline.training.job import run_training
 from tests.conftest import free_port, start_group, stop_group
 from tests.test_engine import batches, config
 from tests.test_train import tiny_config
@@ -178,7 +178,7 @@ def test_a_tracking_server_that_never_returns_leaves_a_file_that_sync_tracking_r
         f"mlflow.tracking_uri={uri}",
         "train.tracking_patience_s=2",
     )
-    with caplog.at_level(logging.WARNING, logger="pipeline.train_job"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.training.job"):
         summary = run_training(cfg, local=True, loop_extras={"step_hooks": [server_dies]})
 
     unsent = tmp_path / "runs" / "gone" / "local" / "unsent-tracking.jsonl"

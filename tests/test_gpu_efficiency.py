@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import load_config
-from pipeline.ema import ModelEMA
 from pipeline.training import TrainingData, build_train_state, train_one_epoch
+from pipeline.training.ema import ModelEMA
 from pipeline.training.host_sync import HostSyncCounter
 from pipeline.training.state import compile_for_training
 from yolov9.boxes import bbox2dist, box_ciou, dist2bbox

@@ -13,7 +13,7 @@ is computed in this one process: the loss makes that equal to what DDP over the 
 import torch
 from torch import nn
 
-from pipeline.optimizer import accumulation_steps, build_sgd, linear_scale
+from pipeline.training.optimizer import accumulation_steps, build_sgd, linear_scale
 from tests.test_loss import INFO, random_maps
 from yolov9.loss import DualDetectionLoss
 

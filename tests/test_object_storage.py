@@ -10,13 +10,13 @@ from mlflow.tracking import MlflowClient
 
 from jobs import make_shards
 from pipeline import names, storage
-from pipeline.coco_eval import load_ground_truth
 from pipeline.data import DataError, read_manifest
 from pipeline.data.loader import make_val_loader
 from pipeline.data.manifest import coco_json_path, manifest_path
-from pipeline.pretrained import PretrainedError, sha256_of
+from pipeline.evaluation.coco import load_ground_truth
 from pipeline.storage import StorageError
-from pipeline.weights_source import resolve_weights
+from pipeline.weights.pretrained import PretrainedError, sha256_of
+from pipeline.weights.sources import resolve_weights
 from tests.conftest import free_port
 from tests.s3_server import S3Server, start_s3_server
 

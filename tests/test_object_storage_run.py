@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from jobs import evaluate, make_shards, register
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import load_config
-from pipeline.train_job import run_training
+from pipeline.training.job import run_training
 from tests.s3_server import S3Server, start_s3_server
 from tests.test_train import epochs_logged, fail_once, tiny_overrides
 

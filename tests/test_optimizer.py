@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.optimizer import Schedule, accumulation_steps, build_sgd
+from pipeline.training.optimizer import Schedule, accumulation_steps, build_sgd
 from yolov9 import build_model
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.pgi import gradient_stats, pgi_diagnostics, plot_pgi
 from pipeline.training import TrainingData, build_train_state, run_epoch
+from pipeline.training.pgi_diagnostics import gradient_stats, pgi_diagnostics, plot_pgi
 from tests.test_engine import config as engine_config
 
 CPU = torch.device("cpu")

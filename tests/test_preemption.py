@@ -15,7 +15,7 @@ import ray.cloudpickle
 import torch
 
 from pipeline.checkpoint import load_checkpoint
-from pipeline.train_job import run_training
+from pipeline.training.job import run_training
 from pipeline.training.preemption import stop_requested
 from tests import waiting
 from tests.test_train import tiny_config

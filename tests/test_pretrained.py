@@ -13,8 +13,8 @@ import torch
 
 from pipeline.checkpoint import TrainingCheckpoint, save_checkpoint
 from pipeline.config import Config, load_config
-from pipeline.pretrained import PretrainedError, load_source, transfer
 from pipeline.training import TrainingData, build_train_state, train_one_epoch
+from pipeline.weights.pretrained import PretrainedError, load_source, transfer
 from yolov9 import build_model
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "reference-checkpoints"

@@ -15,9 +15,9 @@ from jobs import predict
 from pipeline import names
 from pipeline.data.synthetic import SYNTHETIC_CLASSES, synthetic_records
 from pipeline.data.writer import write_shards
-from pipeline.pretrained import sha256_of
-from pipeline.registry import RegistrationError, register_reference
-from pipeline.weights_source import resolve_weights
+from pipeline.registry.register import RegistrationError, register_reference
+from pipeline.weights.pretrained import sha256_of
+from pipeline.weights.sources import resolve_weights
 from tests.conftest import val_jpegs
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,8 @@ from pipeline.checkpoint import TrainingCheckpoint, load_checkpoint, save_checkp
 from pipeline.config import Config
 from pipeline.data import read_manifest
 from pipeline.data.manifest import coco_json_path, manifest_path
-from pipeline.registry import (
+from pipeline.evaluation.evaluate import evaluate_checkpoint
+from pipeline.registry.register import (
     CHAMPION,
     RegistrationError,
     decide_promotion,
@@ -32,7 +33,6 @@ from pipeline.registry import (
     verify_outputs,
 )
 from pipeline.tracking import experiment_id
-from pipeline.validate import evaluate_checkpoint
 from tests.conftest import free_port, start_group, stop_group, val_jpegs, wait_until_serving
 from yolov9 import build_model, prune
 
@@ -325,8 +325,8 @@ def test_champion_predicts_in_a_fresh_process_like_the_evaluator(registry, tiny_
     """jobs.predict on the val JPEGs gives, in original pixels, the boxes the mAP evaluator scores
     against the ground truth."""
     from pipeline.checkpoint import ema_model
-    from pipeline.coco_eval import detections_from_predictions, load_ground_truth, results_json
     from pipeline.data.loader import make_val_loader
+    from pipeline.evaluation.coco import detections_from_predictions, load_ground_truth, results_json
     from yolov9.postprocess import non_max_suppression
 
     uri, _, _, _ = registry

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.serving import (
+from pipeline.registry.serving import (
     SPEC_ARTIFACT,
     WEIGHTS_ARTIFACT,
     ModelSpec,
@@ -156,7 +156,7 @@ def saved_pyfunc(tmp_path_factory):
     """The detector saved as an MLflow model directory (models from code, no registry)."""
     import mlflow.pyfunc
 
-    from pipeline import serving
+    from pipeline.registry import serving
 
     d = tmp_path_factory.mktemp("pyfunc")
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ import ray.cloudpickle
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.train_job import run_training
+from pipeline.training.job import run_training
 from tests import waiting
 from tests.test_faults import healthy, steps_of
 from tests.test_train import tiny_config

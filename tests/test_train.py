@@ -12,8 +12,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import load_config
-from pipeline.train_job import run_training
 from pipeline.training import StepHook
+from pipeline.training.job import run_training
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cost(80)]
 

@@ -11,7 +11,7 @@ from ray.tune.experiment import Experiment
 
 from pipeline import names
 from pipeline.config import load_config
-from pipeline.tune import (
+from pipeline.search.tune import (
     SearchError,
     TrialRow,
     build_space,

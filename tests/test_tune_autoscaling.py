@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.tune import run_search
+from pipeline.search.tune import run_search
 from tests.conftest import free_port, start_group, stop_group
 from tests.test_tune import small_search
 

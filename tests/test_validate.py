@@ -13,7 +13,7 @@ from pipeline.data.loader import make_val_loader
 from pipeline.data.manifest import coco_json_path, manifest_path
 from pipeline.data.synthetic import SYNTHETIC_CLASSES, synthetic_records
 from pipeline.data.writer import write_shards
-from pipeline.validate import FALSE_POSITIVE, FOUND, MISSED, render_predictions
+from pipeline.evaluation.evaluate import FALSE_POSITIVE, FOUND, MISSED, render_predictions
 from yolov9 import build_model
 
 

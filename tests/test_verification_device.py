@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.checkpoint import ema_model, load_checkpoint
-from pipeline.registry import first_val_images, task_resources, verify_checkpoint
+from pipeline.registry.register import first_val_images, task_resources, verify_checkpoint
 from tests.test_registry import write_checkpoint
 from yolov9 import prune
 

@@ -9,9 +9,9 @@ from mlflow.tracking import MlflowClient
 from pipeline import names
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import load_config
-from pipeline.pretrained import PretrainedError, load_source, sha256_of
-from pipeline.train_job import run_training
-from pipeline.weights_source import record_start_weights, resolve_weights
+from pipeline.training.job import run_training
+from pipeline.weights.pretrained import PretrainedError, load_source, sha256_of
+from pipeline.weights.sources import record_start_weights, resolve_weights
 
 pytestmark = pytest.mark.cost(45)
 

@@ -1,5 +1,6 @@
-"""The training engine, without Ray: state, step, epoch loop, progress. Ray Train (``pipeline.train``)
-runs it on N workers; ``pipeline.training.local`` runs it in one process."""
+"""The training engine, without Ray: state, step, epoch loop, progress. Ray Train
+(``pipeline.training.ray_train``) runs it on N workers; ``pipeline.training.local`` in one process; the
+training job (``pipeline.training.job``) prepares the data and tracking around either."""
 
 from pipeline.training.loop import run_epoch, train, validate
 from pipeline.training.preemption import StopRequested

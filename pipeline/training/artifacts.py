@@ -10,10 +10,10 @@ import torch
 
 from pipeline import names
 from pipeline.data.loader import make_val_loader
-from pipeline.pgi import plot_pgi
+from pipeline.evaluation.evaluate import render_predictions
 from pipeline.plots import drawn, plot_curves, write_rgb
+from pipeline.training.pgi_diagnostics import plot_pgi
 from pipeline.training.state import TrainState
-from pipeline.validate import render_predictions
 
 CURVES_PNG = "curves.png"
 GRID_IMAGES = 8

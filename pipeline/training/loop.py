@@ -17,11 +17,11 @@ from torch import nn
 
 from pipeline import names
 from pipeline.data.loader import Loader, make_train_loader, make_val_loader
-from pipeline.pgi import pgi_diagnostics
+from pipeline.evaluation.evaluate import evaluate_distributed
+from pipeline.training.pgi_diagnostics import pgi_diagnostics
 from pipeline.training.preemption import StopRequested
 from pipeline.training.state import TrainState
 from pipeline.training.step import BadStepGuard, StepHook, train_one_epoch
-from pipeline.validate import evaluate_distributed
 
 EpochEnd = Callable[[TrainState, dict[str, float]], None]
 

@@ -60,8 +60,8 @@ def clear_stop_request() -> None:
 def install_sigterm_handler(grace_s: float = DEFAULT_GRACE_S) -> None:
     """Make SIGTERM a stop request while ``training()`` is active, and what it was before otherwise (a Ray
     worker that is shut down after its run must still exit at once). Python installs signal handlers from
-    the main thread only: a Ray Train worker calls this through a task on its actor (``pipeline.train``),
-    the local run from its own thread."""
+    the main thread only: a Ray Train worker calls this through a task on its actor
+    (``pipeline.training.ray_train``), the local run from its own thread."""
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:

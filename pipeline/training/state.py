@@ -18,9 +18,9 @@ from pipeline.config import Config
 from pipeline.data import Manifest, read_manifest
 from pipeline.data.loader import Loader
 from pipeline.data.manifest import coco_json_path, manifest_path
-from pipeline.ema import ModelEMA, unwrap
-from pipeline.optimizer import Schedule, build_sgd, images_per_step, linear_scale
-from pipeline.pretrained import freeze_layers, load_initial_weights
+from pipeline.training.ema import ModelEMA, unwrap
+from pipeline.training.optimizer import Schedule, build_sgd, images_per_step, linear_scale
+from pipeline.weights.pretrained import freeze_layers, load_initial_weights
 from yolov9 import build_model
 from yolov9.loss import DualDetectionLoss
 
@@ -142,7 +142,7 @@ def build_train_state(
     ema = ModelEMA(model, cfg.train.ema_decay, cfg.train.ema_tau)
     t = cfg.train
     global_batch = t.batch_size * world
-    # weight decay acts once per optimizer step: scaled to the images the step sums (pipeline.optimizer)
+    # weight decay acts once per optimizer step: scaled to the images the step sums (training.optimizer)
     scale = linear_scale(t.nominal_batch, global_batch)
     optimizer = build_sgd(model, t.lr0, t.momentum, t.weight_decay * scale)
     if rank == 0 and global_batch > t.nominal_batch:

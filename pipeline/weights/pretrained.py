@@ -16,7 +16,7 @@ fresh initialisation, whose bias is the prior-probability one (``DDetect.init_bi
 fills almost nothing (another model size, an unrelated layout) is a :class:`PretrainedError`.
 
 URIs (``runs:/``, ``models:/``) are resolved to local paths on the driver by
-:mod:`pipeline.weights_source`; this module only reads local files (no MLflow import: it runs in every
+:mod:`pipeline.weights.sources`; this module only reads local files (no MLflow import: it runs in every
 Ray Train worker).
 """
 
@@ -125,7 +125,7 @@ def load_source(location: str | Path) -> SourceWeights:
     if text.startswith(MLFLOW_URI_SCHEMES):
         raise PretrainedError(
             f"model.weights {text} is an MLflow URI: it is resolved to a file on the driver "
-            "(pipeline.weights_source.resolve_weights) before the workers start"
+            "(pipeline.weights.sources.resolve_weights) before the workers start"
         )
     if storage.is_url(text):
         # each worker reads the file itself: downloaded to a temporary folder, named by its URL

@@ -25,15 +25,22 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline import names, serving, storage
+from pipeline import names, storage
 from pipeline.checkpoint import CheckpointError, TrainingCheckpoint, ema_model, load_checkpoint
 from pipeline.data import DataError, Manifest, read_manifest
 from pipeline.data.loader import make_val_loader
 from pipeline.data.manifest import coco_json_path, manifest_path
 from pipeline.errors import PipelineError
-from pipeline.export import ExportError, check_onnx, check_torchscript, export_onnx, export_torchscript
-from pipeline.pretrained import PretrainedError, load_source
-from pipeline.serving import (
+from pipeline.evaluation.evaluate import evaluate_distributed
+from pipeline.registry import serving
+from pipeline.registry.export import (
+    ExportError,
+    check_onnx,
+    check_torchscript,
+    export_onnx,
+    export_torchscript,
+)
+from pipeline.registry.serving import (
     DEFAULT_PARAMS,
     IMAGE_COLUMN,
     SPEC_ARTIFACT,
@@ -43,7 +50,7 @@ from pipeline.serving import (
 )
 from pipeline.storage import Location
 from pipeline.tracking import check_tracking_uri, experiment_id
-from pipeline.validate import evaluate_distributed
+from pipeline.weights.pretrained import PretrainedError, load_source
 from yolov9 import DetectionModel, prune
 from yolov9.profile import count_parameters, gflops
 

@@ -1,6 +1,6 @@
 """``model.weights`` on the driver: MLflow URIs resolved to a file location, the transfer recorded on the run.
 
-Every worker reads the starting weights itself (:func:`pipeline.pretrained.load_initial_weights`), so
+Every worker reads the starting weights itself (:func:`pipeline.weights.pretrained.load_initial_weights`), so
 the driver hands them a plain path or an object-store URL (each worker downloads it): ``runs:/<run id>``
 (or ``runs:/<run id>/best_checkpoint``) is that training run's ``best_checkpoint``;
 ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` is the file the registered version was made
@@ -20,8 +20,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import names, storage
 from pipeline.config import Config
-from pipeline.pretrained import PretrainedError, load_source, sha256_of, transfer
 from pipeline.storage import StorageError
+from pipeline.weights.pretrained import PretrainedError, load_source, sha256_of, transfer
 from yolov9 import build_model
 
 log = logging.getLogger(__name__)

@@ -36,8 +36,8 @@ from torch import nn
 from pipeline import names
 from pipeline.data.augment import AugmentConfig
 from pipeline.data.loader import make_train_loader
-from pipeline.ema import unwrap
 from pipeline.plots import _pyplot
+from pipeline.training.ema import unwrap
 from yolov9.loss import DualDetectionLoss
 from yolov9.model import DetectionModel, load_model_spec
 from yolov9.prune import main_branch_layers

@@ -22,8 +22,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import names
 from pipeline.errors import PipelineError
-from pipeline.pgi import STATS, log_scale_if_positive, stage_names
 from pipeline.plots import _pyplot
+from pipeline.training.pgi_diagnostics import STATS, log_scale_if_positive, stage_names
 
 log = logging.getLogger(__name__)
 SEED_PARAM = "train.seed"
@@ -277,7 +277,8 @@ def markdown(
         lines += [
             "## Gradient diagnostics (last epoch, mean over seeds)",
             "",
-            "What each branch's weighted loss alone sends into each stage (`pipeline/pgi.py`). Backbone "
+            "What each branch's weighted loss alone sends into each stage "
+            "(`pipeline/training/pgi_diagnostics.py`). Backbone "
             "stages, aux/main gradient-norm ratio and cosine similarity:",
             "",
             "| arm | " + " | ".join(shown) + " |",

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import names
-from pipeline.confusion import CONF_THRES, IOU_THRES
+from pipeline.evaluation.confusion import CONF_THRES, IOU_THRES
+from pipeline.evaluation.evaluate import Evaluation
 from pipeline.plots import drawn, plot_confusion_matrix, plot_pr_curves
-from pipeline.validate import Evaluation
 
-# pycocotools' own wording of its 12 numbers, in its order (pipeline.coco_eval.STATS)
+# pycocotools' own wording of its 12 numbers, in its order (pipeline.evaluation.coco.STATS)
 STAT_LABELS = {
     "map50_95": "AP    IoU=0.50:0.95 area=all    maxDets=100",
     "map50": "AP    IoU=0.50      area=all    maxDets=100",

@@ -17,18 +17,18 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.checkpoint import ema_model, load_checkpoint
-from pipeline.coco_eval import (
+from pipeline.data import DataError, read_manifest
+from pipeline.data.augment import letterbox_boxes
+from pipeline.data.loader import make_val_loader
+from pipeline.data.manifest import coco_json_path, manifest_path
+from pipeline.evaluation.coco import (
     CocoScores,
     GroundTruth,
     coco_evaluate,
     detections_from_predictions,
     load_ground_truth,
 )
-from pipeline.confusion import CONF_THRES, confusion_matrix, match_image
-from pipeline.data import DataError, read_manifest
-from pipeline.data.augment import letterbox_boxes
-from pipeline.data.loader import make_val_loader
-from pipeline.data.manifest import coco_json_path, manifest_path
+from pipeline.evaluation.confusion import CONF_THRES, confusion_matrix, match_image
 from pipeline.plots import draw_boxes, image_grid
 from yolov9.postprocess import non_max_suppression
 
@@ -39,7 +39,7 @@ FOUND, MISSED, FALSE_POSITIVE = (0, 200, 0), (255, 140, 0), (230, 0, 30)
 @dataclass(frozen=True)
 class Evaluation:
     """A model's full result on a val split: COCO scores, the detections ``(N, 7)`` they were computed
-    from (``pipeline.coco_eval``) and the confusion matrix (``pipeline.confusion``)."""
+    from (``pipeline.evaluation.coco``) and the confusion matrix (``pipeline.evaluation.confusion``)."""
 
     scores: CocoScores
     detections: np.ndarray
@@ -86,7 +86,7 @@ def _on_root(detections: np.ndarray) -> np.ndarray | None:
 def evaluate_distributed(
     model: nn.Module, loader: Iterable, gt_json: str | Path, device: torch.device, **nms: float
 ) -> dict[str, float]:
-    """The 12 COCO numbers (``pipeline.coco_eval.STATS``) over the whole val split, identical on every
+    """The 12 COCO numbers (``pipeline.evaluation.coco.STATS``) over the whole val split, identical on every
     rank. ``nms`` takes ``conf_thres``, ``iou_thres`` and ``max_det`` of :func:`predict_detections`."""
     ground_truth = load_ground_truth(gt_json)
     detections = _on_root(predict_detections(model, loader, ground_truth, device, **nms))
@@ -100,7 +100,7 @@ def evaluate_model(
     model: nn.Module, loader: Iterable, gt_json: str | Path, device: torch.device, **nms: float
 ) -> Evaluation:
     """Everything ``jobs.evaluate`` and the run's artifacts show, in one process: COCO scores, the
-    detections and the confusion matrix (at ``pipeline.confusion.CONF_THRES`` / ``IOU_THRES``)."""
+    detections and the confusion matrix (at ``pipeline.evaluation.confusion.CONF_THRES`` / ``IOU_THRES``)."""
     ground_truth = load_ground_truth(gt_json)
     detections = predict_detections(model, loader, ground_truth, device, **nms)
     return Evaluation(

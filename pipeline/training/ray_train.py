@@ -246,7 +246,7 @@ class MlflowEpochLogger(ray.train.UserCallback):
     checkpoint to an MLflow run, from the controller, without ever holding up or failing the run: records
     queue in a TrackingOutbox that a thread of this callback sends, retrying with backoff while the server
     is away. What is still queued when the run ends is not lost: the job sends every epoch missing from
-    the run from the final checkpoint's history (``pipeline.train_job``).
+    the run from the final checkpoint's history (``pipeline.training.job``).
 
     mlflow is imported at the first report, not with this module: Ray Train unpickles the run's callbacks
     in every worker too, where importing mlflow would add seconds to each worker's start.

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.coco_eval import GroundTruth
+from pipeline.evaluation.coco import GroundTruth
 
 CONF_THRES = 0.25  # detections counted: score >= this
 IOU_THRES = 0.5  # a detection and an object match at IoU >= this
@@ -52,7 +52,7 @@ def _area(boxes: np.ndarray) -> np.ndarray:
 def match_image(
     ground_truth: GroundTruth, image_id: int, detections: np.ndarray, iou_thres: float = IOU_THRES
 ) -> ImageMatch:
-    """Match one image's detections ``(D, 7)`` (``pipeline.coco_eval`` layout) to its ground truth."""
+    """Match one image's detections ``(D, 7)`` (``pipeline.evaluation.coco`` layout) to its ground truth."""
     anns = ground_truth.coco.imgToAnns.get(image_id, [])
     class_of = {c: i for i, c in enumerate(ground_truth.category_ids)}
     objects = [a for a in anns if not a.get("iscrowd", 0) and a["category_id"] in class_of]

@@ -20,7 +20,8 @@ from pipeline.data import DataError, Manifest, read_manifest
 from pipeline.data.loader import make_val_loader
 from pipeline.data.manifest import coco_json_path, manifest_path
 from pipeline.data.synthetic import write_synthetic_dataset
-from pipeline.eval_report import write_artifacts
+from pipeline.evaluation.evaluate import Evaluation, evaluate_model, render_predictions
+from pipeline.evaluation.table import write_artifacts
 from pipeline.plots import drawn, plot_curves, write_rgb
 from pipeline.tracking import (
     UNSENT_FILE,
@@ -33,8 +34,7 @@ from pipeline.tracking import (
 )
 from pipeline.training.artifacts import CURVES_PNG
 from pipeline.training.local import fit_local, local_run_dir
-from pipeline.validate import Evaluation, evaluate_model, render_predictions
-from pipeline.weights_source import record_start_weights
+from pipeline.weights.sources import record_start_weights
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,9 @@ def run_training(
     if cfg.mlflow.register and checkpoints.best_path is not None and unsent is not None:
         log.warning("not registering: the run's tracking is not complete in %s (see above)", uri)
     elif cfg.mlflow.register and checkpoints.best_path is not None:
-        from pipeline.registry import register_after_training  # onnx and friends load only when asked
+        from pipeline.registry.register import (
+            register_after_training,  # onnx and friends load only when asked
+        )
 
         # on Ray, the checks and the export run as a task with a training worker's resources, not here
         result = register_after_training(
@@ -196,7 +198,7 @@ def _fit_on_ray(
     """Ray Train's fit; its latest and best checkpoints, loaded (from wherever Ray's storage is)."""
     import ray
 
-    from pipeline.train import ensure_ray, fit  # Ray Train loads only for a Ray run
+    from pipeline.training.ray_train import ensure_ray, fit  # Ray Train loads only for a Ray run
 
     ensure_ray(cfg.ray.address)
     client.set_tag(tracking[1], names.RAY_JOB_TAG, ray.get_runtime_context().get_job_id())

@@ -2,7 +2,8 @@
 
 ``python -m jobs.predict --model yolov9-c.pt`` runs a reference checkpoint file (read without executing
 it) or a checkpoint of this project (its EMA weights) without registering it first: the model is pruned
-and fused as registration would, and requests and answers are those of :class:`pipeline.serving.YoloDetector`.
+and fused as registration would, and requests and answers are those of
+:class:`pipeline.registry.serving.YoloDetector`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from pipeline.pretrained import load_source
-from pipeline.serving import check_params, detect, request_images
+from pipeline.registry.serving import check_params, detect, request_images
+from pipeline.weights.pretrained import load_source
 from yolov9 import prune
 
 DEFAULT_IMGSZ = 640  # a reference file's training size; a project checkpoint brings its own

@@ -49,9 +49,9 @@ from pipeline.tracking import (
     flatten,
     resolve_tracking_uri,
 )
-from pipeline.train import ensure_ray, fit
-from pipeline.train_job import prepare_data, run_training
-from pipeline.weights_source import resolve_weights
+from pipeline.training.job import prepare_data, run_training
+from pipeline.training.ray_train import ensure_ray, fit
+from pipeline.weights.sources import resolve_weights
 
 log = logging.getLogger(__name__)
 # Each epoch report of a trial waits up to this long for its MLflow records to be sent: ASHA may stop the

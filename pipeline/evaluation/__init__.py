@@ -1,0 +1,1 @@
+"""Evaluation: distributed validation, COCO scoring, the confusion matrix, per-class tables, files."""

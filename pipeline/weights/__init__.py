@@ -1,0 +1,1 @@
+"""Starting weights: reference files and checkpoints read, transferred and traced to their source."""
