@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--close-mosaic", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("hyp", nargs="*", help="key=value overrides of hyp.scratch-high.yaml")
     args = parser.parse_args(argv)
     ref = args.reference.resolve()
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
             "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1",
         }
         seeds = []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             command = [
                 args.python, str(ref / "train_dual.py"), "--data", str(folder / "data.yaml"),
                 "--cfg", str(ref / "models/detect" / f"{args.model}.yaml"), "--weights", "",
