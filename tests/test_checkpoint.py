@@ -1,11 +1,16 @@
-"""Checkpoints hold tensors and plain data, load with weights_only=True, and refuse foreign files."""
+"""Checkpoints hold tensors and plain data, load with weights_only=True, and refuse foreign files; a run
+resumes from its newest checkpoint that loads."""
 
 import pickle
+from dataclasses import replace
 
+import pyarrow.fs
 import pytest
+import ray.train
 import torch
 
 from pipeline.checkpoint import CheckpointError, TrainingCheckpoint, load_checkpoint, save_checkpoint
+from pipeline.training.ray_train import resume_checkpoint, run_checkpoints
 from yolov9 import build_model
 
 
@@ -102,3 +107,36 @@ def test_plain_pickle_is_refused(tmp_path):
     path.write_bytes(pickle.dumps({"format": "yolov9-ray/training-checkpoint"}))
     with pytest.raises(CheckpointError):
         load_checkpoint(path)
+
+
+# --- which checkpoint a Ray Train run resumes from -----------------------------------------------------
+
+
+def run_folder_with(tmp_path, names: dict[str, int | None]):
+    """A run folder holding ``checkpoint_<name>`` folders: a checkpoint at ``step``, or a truncated one."""
+    for name, step in names.items():
+        folder = tmp_path / f"checkpoint_{name}"
+        folder.mkdir()
+        path = save_checkpoint(folder, replace(minimal_state(), step=step or 0))
+        if step is None:
+            path.write_bytes(path.read_bytes()[:100])
+    return pyarrow.fs.LocalFileSystem(), str(tmp_path)
+
+
+def test_a_run_resumes_from_its_newest_checkpoint_even_one_ray_never_recorded(tmp_path):
+    """Ray 2.60 can drop a stopping worker's last report: its checkpoint exists but is not Ray's latest."""
+    fs, folder = run_folder_with(tmp_path, {"2026-12-07_10-00-00.1": 40, "2026-12-07_10-05-00.2": 42})
+    recorded = ray.train.Checkpoint(f"{folder}/checkpoint_2026-12-07_10-00-00.1", filesystem=fs)
+    assert resume_checkpoint(recorded, fs, folder, torch.device("cpu")).step == 42
+    assert resume_checkpoint(None, fs, folder, torch.device("cpu")).step == 42
+
+
+def test_a_truncated_newest_checkpoint_is_passed_over_for_the_one_before(tmp_path):
+    fs, folder = run_folder_with(tmp_path, {"2026-12-07_10-00-00.1": 40, "2026-12-07_10-05-00.2": None})
+    assert run_checkpoints(fs, folder)[0].endswith("10-05-00.2")
+    assert resume_checkpoint(None, fs, folder, torch.device("cpu")).step == 40
+
+
+def test_a_run_without_checkpoints_starts_afresh(tmp_path):
+    fs = pyarrow.fs.LocalFileSystem()
+    assert resume_checkpoint(None, fs, str(tmp_path / "new-run"), torch.device("cpu")) is None

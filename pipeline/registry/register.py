@@ -25,6 +25,8 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+import pipeline
+import yolov9
 from pipeline import names, storage
 from pipeline.checkpoint import CheckpointError, TrainingCheckpoint, ema_model, load_checkpoint
 from pipeline.data import DataError, Manifest, read_manifest
@@ -62,7 +64,6 @@ DEFAULT_EXPERIMENT = "yolov9-registry"
 OUTPUT_RTOL = 1e-4
 CPU = torch.device("cpu")
 MAP_TOLERANCE = 1e-3
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_IMGSZ = 640  # the reference's training and validation size
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -659,7 +660,7 @@ def _log_and_register(
                 name="model",
                 python_model=serving.__file__,
                 artifacts=artifacts,
-                code_paths=[str(PACKAGE_ROOT / "yolov9"), str(PACKAGE_ROOT / "pipeline")],
+                code_paths=[str(Path(yolov9.__file__).parent), str(Path(pipeline.__file__).parent)],
                 signature=serving.signature(),
                 input_example=(pd.DataFrame({IMAGE_COLUMN: [example]}), dict(DEFAULT_PARAMS)),
                 pip_requirements=_requirements(),

@@ -27,6 +27,7 @@ import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
+import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.torch.config import _TorchBackend
@@ -93,20 +94,24 @@ def quiet_ray_report_log() -> None:
 
 
 def train_worker(loop_config: dict[str, Any]) -> dict[str, str] | None:
-    """Ray Train worker entry: the engine's epoch loop on this worker's rank, resumed from Ray's latest
+    """Ray Train worker entry: the engine's epoch loop on this worker's rank, resumed from the run's newest
     loadable checkpoint, reporting each epoch (rank 0 attaches the checkpoint). ``loop_config["step_hooks"]``
     adds step hooks (the tests' fault injection). Returns ``{names.STOP_CAUSE: ...}`` when the model
     diverged (rank 0's return value is the run's ``Result.return_value``)."""
     quiet_ray_report_log()
     cfg = config_from_dict(loop_config["config"])
     context = ray.train.get_context()
+    storage = context.get_storage()  # a DeveloperAPI: the run's folder on its file system, for the resume
+    device = ray.train.torch.get_device()
     state = build_train_state(
         cfg,
         TrainingData.read(cfg.data.root, cfg.data.allow_pipe),
-        ray.train.torch.get_device(),
+        device,
         rank=context.get_world_rank(),
         world=context.get_world_size(),
-        resume=resume_checkpoint(ray.train.get_checkpoint()),
+        resume=resume_checkpoint(
+            ray.train.get_checkpoint(), storage.storage_filesystem, storage.experiment_fs_path, device
+        ),
         # gradients as views into DDP's all-reduce buckets: no copy in and out of the buckets per step
         wrap=lambda model: ray.train.torch.prepare_model(
             model, move_to_device=False, parallel_strategy_kwargs={"gradient_as_bucket_view": True}
@@ -124,30 +129,40 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, str] | None:
     return None
 
 
-def resume_checkpoint(latest: ray.train.Checkpoint | None) -> TrainingCheckpoint | None:
-    """The newest checkpoint of the run that loads, from ``latest`` back: a truncated upload or a missing
-    file in the latest is passed over (with a warning) for the one before it."""
-    if latest is None:
-        return None
-    fs, parent = latest.filesystem, str(Path(latest.path).parent)
-    found = fs.get_file_info(pyarrow.fs.FileSelector(parent))
+def run_checkpoints(fs: pyarrow.fs.FileSystem, run_folder: str) -> list[str]:
+    """The ``checkpoint_<date and time>`` folders of a Ray Train run, newest first (names sort by time)."""
+    found = fs.get_file_info(pyarrow.fs.FileSelector(run_folder, allow_not_found=True))
     dirs = [i.path for i in found if i.type == pyarrow.fs.FileType.Directory]
-    # Ray names checkpoint folders checkpoint_<date and time>: older ones sort first
-    older = sorted(
-        (p for p in dirs if Path(p).name.startswith("checkpoint_") and p < latest.path), reverse=True
-    )
-    device = ray.train.torch.get_device()
-    for candidate in [latest, *(ray.train.Checkpoint(p, filesystem=fs) for p in older)]:
+    return sorted((p for p in dirs if Path(p).name.startswith("checkpoint_")), key=lambda p: Path(p).name)[
+        ::-1
+    ]
+
+
+def resume_checkpoint(
+    latest: ray.train.Checkpoint | None, fs: pyarrow.fs.FileSystem, run_folder: str, device: torch.device
+) -> TrainingCheckpoint | None:
+    """The newest checkpoint of the run in ``run_folder`` that loads, or None for a fresh run.
+
+    Every ``checkpoint_*`` folder there is a candidate, newest first, not only Ray's ``latest``: Ray 2.60
+    drops the last report of a worker that raises right after it (its poll returns the error without the
+    report), so a SIGTERM stop's checkpoint can be written and never recorded. A truncated upload or a
+    missing file is passed over (with a warning) for the one before it."""
+    candidates = run_checkpoints(fs, run_folder)
+    if latest is not None and latest.path not in candidates:
+        candidates = sorted([*candidates, latest.path], key=lambda p: Path(p).name)[::-1]
+    if not candidates:
+        return None
+    for path in candidates:
         try:
-            with candidate.as_directory() as d:
+            with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
                 state = load_checkpoint(d, map_location=device)
         except (CheckpointError, OSError) as e:
-            log.warning("cannot resume from %s (%s); trying the checkpoint before it", candidate.path, e)
+            log.warning("cannot resume from %s (%s); trying the checkpoint before it", path, e)
             continue
-        if candidate is not latest:
-            log.warning("resuming from %s instead of the unreadable latest %s", candidate.path, latest.path)
+        if latest is None or path != latest.path:
+            log.warning("resuming from %s (Ray's latest record: %s)", path, latest.path if latest else "none")
         return state
-    raise CheckpointError(f"no checkpoint of the run at {parent} loads; see the warnings above")
+    raise CheckpointError(f"no checkpoint of the run at {run_folder} loads; see the warnings above")
 
 
 def report_epoch(state: TrainState, metrics: dict[str, float]) -> None:
