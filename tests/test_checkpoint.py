@@ -140,3 +140,16 @@ def test_a_truncated_newest_checkpoint_is_passed_over_for_the_one_before(tmp_pat
 def test_a_run_without_checkpoints_starts_afresh(tmp_path):
     fs = pyarrow.fs.LocalFileSystem()
     assert resume_checkpoint(None, fs, str(tmp_path / "new-run"), torch.device("cpu")) is None
+
+
+def test_an_unrecorded_folder_that_does_not_load_starts_the_run_afresh(tmp_path):
+    """A worker that fails while its first checkpoint uploads leaves a folder Ray never recorded."""
+    fs, folder = run_folder_with(tmp_path, {"2026-12-07_10-00-00.1": None})
+    assert resume_checkpoint(None, fs, folder, torch.device("cpu")) is None
+
+
+def test_a_recorded_checkpoint_that_does_not_load_is_an_error_naming_the_run(tmp_path):
+    fs, folder = run_folder_with(tmp_path, {"2026-12-07_10-00-00.1": None})
+    recorded = ray.train.Checkpoint(f"{folder}/checkpoint_2026-12-07_10-00-00.1", filesystem=fs)
+    with pytest.raises(CheckpointError, match=f"no checkpoint of the run at {folder} loads"):
+        resume_checkpoint(recorded, fs, folder, torch.device("cpu"))

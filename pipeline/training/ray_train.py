@@ -146,7 +146,9 @@ def resume_checkpoint(
     Every ``checkpoint_*`` folder there is a candidate, newest first, not only Ray's ``latest``: Ray 2.60
     drops the last report of a worker that raises right after it (its poll returns the error without the
     report), so a SIGTERM stop's checkpoint can be written and never recorded. A truncated upload or a
-    missing file is passed over (with a warning) for the one before it."""
+    missing file is passed over (with a warning) for the one before it. Raises CheckpointError when none
+    loads although Ray recorded one; with no record (a first epoch's upload cut short by a failure) the
+    run starts afresh, as Ray would."""
     candidates = run_checkpoints(fs, run_folder)
     if latest is not None and latest.path not in candidates:
         candidates = sorted([*candidates, latest.path], key=lambda p: Path(p).name)[::-1]
@@ -162,6 +164,11 @@ def resume_checkpoint(
         if latest is None or path != latest.path:
             log.warning("resuming from %s (Ray's latest record: %s)", path, latest.path if latest else "none")
         return state
+    if latest is None:  # only folders Ray never recorded, such as an upload cut short: as Ray, start afresh
+        log.warning(
+            "no checkpoint folder of the run at %s loads and Ray recorded none: starting afresh", run_folder
+        )
+        return None
     raise CheckpointError(f"no checkpoint of the run at {run_folder} loads; see the warnings above")
 
 
