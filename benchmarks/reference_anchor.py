@@ -27,6 +27,7 @@ summary line (mean and standard deviation), as ``benchmarks/quality.py`` does.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -64,7 +65,7 @@ def export_split(data_root: str, split: str, folder: Path) -> list[str]:
                 if ext == "jpg":
                     (images / f"{Path(key).name}.jpg").write_bytes(data)
                 elif ext == "json":
-                    metas[Path(key).name] = yaml.safe_load(data)
+                    metas[Path(key).name] = json.loads(data)
     for key, meta in metas.items():
         w, h = float(meta["width"]), float(meta["height"])
         rows = [

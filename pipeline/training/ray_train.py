@@ -133,9 +133,8 @@ def run_checkpoints(fs: pyarrow.fs.FileSystem, run_folder: str) -> list[str]:
     """The ``checkpoint_<date and time>`` folders of a Ray Train run, newest first (names sort by time)."""
     found = fs.get_file_info(pyarrow.fs.FileSelector(run_folder, allow_not_found=True))
     dirs = [i.path for i in found if i.type == pyarrow.fs.FileType.Directory]
-    return sorted((p for p in dirs if Path(p).name.startswith("checkpoint_")), key=lambda p: Path(p).name)[
-        ::-1
-    ]
+    checkpoints = [p for p in dirs if Path(p).name.startswith("checkpoint_")]
+    return sorted(checkpoints, key=lambda p: Path(p).name, reverse=True)
 
 
 def resume_checkpoint(
@@ -151,7 +150,7 @@ def resume_checkpoint(
     run starts afresh, as Ray would."""
     candidates = run_checkpoints(fs, run_folder)
     if latest is not None and latest.path not in candidates:
-        candidates = sorted([*candidates, latest.path], key=lambda p: Path(p).name)[::-1]
+        candidates = sorted([*candidates, latest.path], key=lambda p: Path(p).name, reverse=True)
     if not candidates:
         return None
     for path in candidates:
