@@ -178,3 +178,23 @@ def mlflow_server(tmp_path):
         yield server
     finally:
         server.stop()
+
+
+SLOW_S = 30.0
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """Name the tests that took over ``SLOW_S`` (setup, call and teardown together) without the `slow`
+    mark: the inner loop (`-m "not slow"`) stays short only while every long test carries it."""
+    seconds: dict[str, float] = {}
+    marked: dict[str, bool] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if isinstance(report, pytest.TestReport):
+                seconds[report.nodeid] = seconds.get(report.nodeid, 0.0) + report.duration
+                marked[report.nodeid] = "slow" in report.keywords
+    unmarked = sorted((s, nodeid) for nodeid, s in seconds.items() if s > SLOW_S and not marked[nodeid])
+    if unmarked:
+        terminalreporter.section(f"tests over {SLOW_S:.0f} s without the slow mark")
+        for s, nodeid in reversed(unmarked):
+            terminalreporter.write_line(f"{s:.1f} s  {nodeid}")

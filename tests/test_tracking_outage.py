@@ -34,9 +34,6 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 ray.cloudpickle.register_pickle_by_value(waiting)
 
 
-@pytest.mark.ray
-@pytest.mark.mlflow
-@pytest.mark.slow
 def controller_output(ray_module) -> list[str]:
     """The lines Ray Train's controllers (and every other worker process) of this instance printed."""
     logs = Path(ray_module._private.worker._global_node.get_logs_dir_path())
@@ -45,6 +42,9 @@ def controller_output(ray_module) -> list[str]:
     ]
 
 
+@pytest.mark.ray
+@pytest.mark.mlflow
+@pytest.mark.slow
 def test_a_tracking_server_that_goes_away_and_comes_back_gets_every_epoch_once_and_is_told_once(
     tmp_path, tiny_shards, local_ray, mlflow_server
 ):
