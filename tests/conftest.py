@@ -24,6 +24,7 @@ from tests.isolation import (  # noqa: F401 -- hooks: modules using local_ray ru
     pytest_runtestloop,
     pytest_sessionfinish,
     pytest_unconfigure,
+    write_module_times,
 )
 
 TINY_SYNTHETIC = {"num_train": 48, "num_val": 12, "image_size": 128, "seed": 0, "shard_size": 12}
@@ -194,6 +195,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
                 seconds[report.nodeid] = seconds.get(report.nodeid, 0.0) + report.duration
                 marked[report.nodeid] = "slow" in report.keywords
     unmarked = sorted((s, nodeid) for nodeid, s in seconds.items() if s > SLOW_S and not marked[nodeid])
+    write_module_times(terminalreporter)
     if unmarked:
         terminalreporter.section(f"tests over {SLOW_S:.0f} s without the slow mark")
         for s, nodeid in reversed(unmarked):

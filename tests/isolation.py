@@ -60,6 +60,7 @@ class ModuleRun:
 
     ended: str
     output_tail: str
+    seconds: float
     reports: dict[str, list[pytest.TestReport]] = field(default_factory=dict)
 
 
@@ -136,7 +137,7 @@ class ModulePool:
                 )
                 _kill_group(child)
                 del self._running[name]
-                self.runs[name] = self._collect(name, ended)
+                self.runs[name] = self._collect(name, ended, time.monotonic() - started)
                 self.done[name].set()
             time.sleep(0.2)
 
@@ -160,9 +161,9 @@ class ModulePool:
                 start_new_session=True,
             )
 
-    def _collect(self, name: str, ended: str) -> ModuleRun:
+    def _collect(self, name: str, ended: str, seconds: float) -> ModuleRun:
         folder = self._folder(name)
-        run = ModuleRun(ended=ended, output_tail=(folder / "output.log").read_text()[-6000:])
+        run = ModuleRun(ended=ended, output_tail=(folder / "output.log").read_text()[-6000:], seconds=seconds)
         reports_file = folder / "reports.jsonl"
         if reports_file.exists():
             for line in reports_file.read_text().splitlines():
@@ -274,6 +275,15 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     data = _config.hook.pytest_report_to_serializable(config=_config, report=report)
     with open(os.environ[REPORTS_ENV], "a") as out:
         out.write(json.dumps(data, default=str) + "\n")
+
+
+def write_module_times(terminalreporter) -> None:
+    """The module processes' wall times, longest first: where a suite's time goes beyond single tests."""
+    if _pool is None or not _pool.runs:
+        return
+    terminalreporter.section("module processes (wall seconds, run beside the in-process tests)")
+    for name, run in sorted(_pool.runs.items(), key=lambda item: -item[1].seconds):
+        terminalreporter.write_line(f"{run.seconds:7.1f} s  {name} ({run.ended})")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
