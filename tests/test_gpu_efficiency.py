@@ -67,7 +67,8 @@ def test_a_train_step_reads_the_device_once(tiny_shards):
     for (op, site), n in device_reads.items():
         by_function[op, site.split(" ")[0]] += n
     assert by_function == {
-        ("tolist", "train_one_epoch"): 3 + 1,  # the flags, once a step; the loss sums, once an epoch
+        ("tolist", "agree_on_step"): 3,  # the step's flags, once a step
+        ("tolist", "stats"): 1,  # the loss sums, once an epoch
         ("item", "check_input"): 1,  # the model's largest stride, read on its first forward only
     }
 

@@ -121,98 +121,163 @@ def train_one_epoch(
     ``guard.max_in_a_row`` skipped steps in a row, StopRequested after the step in which a stop request
     (SIGTERM on any rank) was seen.
     """
-    cfg, model, steps = state.cfg.train, state.model, state.steps_per_epoch
-    guard = guard or BadStepGuard(cfg.max_bad_steps)
-    # a mid-epoch checkpoint's position; outside [0, steps] the schedule changed: start the epoch over
-    first = state.step - state.epoch * steps
-    first = first if 0 < first <= steps else 0
-    model.train()
-    bn = BatchNormSnapshot(model)
-    distributed = state.world > 1 and dist.is_available() and dist.is_initialized()
-    sums: torch.Tensor | None = None  # running [total, *parts] on the device: no host sync per part
-    names: tuple[str, ...] = ()
-    wait, images_seen, last_optimizer_step, skipped, amp_skipped = 0.0, 0, state.step, 0, 0
+    steps = state.steps_per_epoch
+    guard = guard or BadStepGuard(state.cfg.train.max_bad_steps)
+    first = resume_position(state)
+    state.model.train()
+    bn = BatchNormSnapshot(state.model)
+    tally = EpochTally()
+    last_optimizer_step = state.step
     start = fetch_start = time.perf_counter()
     for i, (images, targets) in enumerate(loader if first < steps else ()):
         if i < first:
             fetch_start = time.perf_counter()
             continue
-        wait += time.perf_counter() - fetch_start
-        images = images.to(state.device, non_blocking=True, memory_format=torch.channels_last).float() / 255
-        # targets stay on the CPU: the loss checks their values there and copies them without blocking
+        tally.wait_s += time.perf_counter() - fetch_start
         state.schedule.apply(state.optimizer, state.epoch, state.step)
-        accumulate = state.schedule.accumulate_at(state.step, cfg.nominal_batch, state.global_batch)
-        boundary = state.step + 1 - last_optimizer_step >= accumulate or i == steps - 1
-        # between boundaries DDP keeps gradients local: one all-reduce per optimizer step, not per batch
-        sync = nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
-        bn.save()
-        with sync:
-            with torch.autocast(state.device.type, dtype=state.amp, enabled=state.amp is not None):
-                loss, parts = state.loss_fn(model(images), targets)
-            # every rank runs the backward (DDP all-reduces on the boundary); a bad step drops it below
-            state.scaler.scale(loss).backward()
-        grad_norm = unscale_and_clip(state) if boundary else None
-        # the one host sync per step: [this rank's loss is not finite, a stop was requested, the
-        # gradients (equal on every rank after the all-reduce) are not finite], agreed by all ranks
-        flags = torch.stack(
-            [
-                (~torch.isfinite(loss.detach())).float(),
-                torch.full((), float(stop_requested()), device=loss.device),  # a fill: no host-to-device copy
-                (~torch.isfinite(grad_norm)).float()
-                if grad_norm is not None
-                else torch.zeros((), device=loss.device),
-            ]
+        accumulate = state.schedule.accumulate_at(
+            state.step, state.cfg.train.nominal_batch, state.global_batch
         )
-        local_bad = flags[0].clone() if distributed else flags[0]
-        if distributed:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        bad, stop, bad_grads = (bool(v) for v in flags.tolist())
+        boundary = state.step + 1 - last_optimizer_step >= accumulate or i == steps - 1
+        loss, parts = forward_backward(state, images, targets, boundary, bn)
+        grad_norm = unscale_and_clip(state) if boundary else None
+        verdict = agree_on_step(state, loss, grad_norm)
         where = f"epoch {state.epoch + 1}, step {state.step}"
-        if bad:
-            bn.restore()
-            state.optimizer.zero_grad(set_to_none=True)  # the window's other gradients go too
-            if grad_norm is not None and state.scaler.is_enabled():
-                state.scaler.update()  # closes the unscale_ above (and backs the fp16 scale off)
+        if verdict.loss_bad:
+            skip_step(state, bn, grad_norm)
             last_optimizer_step = state.step + 1
-            skipped += 1
-            if local_bad.item():
+            tally.skipped += 1
+            if verdict.loss_bad_here:
                 ids = list(batch_ids()) if batch_ids is not None else []
                 log.warning("skipped %s on rank %d: non-finite loss %s; images %s", where, state.rank,
                             loss.item(), ids)  # fmt: skip
             guard.skipped(f"non-finite loss at {where}")
         else:
             if boundary:
-                outcome = optimizer_step(state, grads_finite=not bad_grads)
+                outcome = optimizer_step(state, grads_finite=not verdict.grads_bad)
                 last_optimizer_step = state.step + 1
-                if outcome == "nonfinite":
-                    skipped += 1
-                    log.warning("skipped the optimizer step at %s: non-finite gradients", where)
-                    guard.skipped(f"non-finite gradients at {where}")
-                else:
-                    amp_skipped += outcome == "amp_skipped"
-                    guard.stepped()
-            names = ("total", *parts)
-            values = torch.stack([loss.detach().float(), *(v.float() for v in parts.values())])
-            sums = values if sums is None else sums + values
+                tally.count_outcome(outcome, guard, where)
+            tally.add_losses(loss, parts)
         state.step += 1
-        images_seen += images.shape[0]
-        event = StepEvent(state.epoch, i, steps, images_seen, time.perf_counter() - start,
-                          sums if sums is not None else torch.zeros(1), names or ("total",))  # fmt: skip
+        tally.images += images.shape[0]
+        event = tally.event(state, i, time.perf_counter() - start)
         for hook in hooks:
             hook(state, event)
-        if stop:
+        if verdict.stop:
             raise StopRequested(f"stopped on SIGTERM after step {state.step} (epoch {state.epoch + 1})")
         fetch_start = time.perf_counter()
-    trained = max(steps - first - skipped, 1)
-    totals = sums.tolist() if sums is not None else []
-    return EpochStats(
-        losses={k: v / trained for k, v in zip(names, totals, strict=True)},
-        images=images_seen,
-        elapsed_s=time.perf_counter() - start,
-        loader_wait_s=wait,
-        skipped_steps=skipped,
-        amp_skipped_steps=amp_skipped,
+    return tally.stats(max(steps - first - tally.skipped, 1), time.perf_counter() - start)
+
+
+def resume_position(state: TrainState) -> int:
+    """The batch of the current epoch to start at: a mid-epoch checkpoint's position, else 0 (also when
+    the position lies outside [0, steps]: the schedule changed, so the epoch starts over)."""
+    first = state.step - state.epoch * state.steps_per_epoch
+    return first if 0 < first <= state.steps_per_epoch else 0
+
+
+def forward_backward(
+    state: TrainState, images: torch.Tensor, targets: torch.Tensor, boundary: bool, bn: BatchNormSnapshot
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward (autocast), the dual loss and its backward for one batch; returns (loss, parts) on the
+    device. Between accumulation boundaries DDP keeps gradients local: one all-reduce per optimizer step,
+    not per batch. Every rank runs the backward, even of a non-finite loss (the step drops it after)."""
+    model = state.model
+    images = images.to(state.device, non_blocking=True, memory_format=torch.channels_last).float() / 255
+    # targets stay on the CPU: the loss checks their values there and copies them without blocking
+    sync = nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
+    bn.save()
+    with sync:
+        with torch.autocast(state.device.type, dtype=state.amp, enabled=state.amp is not None):
+            loss, parts = state.loss_fn(model(images), targets)
+        state.scaler.scale(loss).backward()
+    return loss, parts
+
+
+@dataclass(frozen=True)
+class StepVerdict:
+    """What every rank agreed on for one step."""
+
+    loss_bad_here: bool  # this rank's loss is not finite
+    loss_bad: bool  # some rank's loss is not finite
+    stop: bool  # some rank was asked to stop
+    grads_bad: bool  # the (all-reduced, so equal) gradients are not finite
+
+
+def agree_on_step(state: TrainState, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> StepVerdict:
+    """The step's one host sync: [this rank's loss is not finite, a stop was requested, the gradients are
+    not finite], max-reduced over the ranks so that all take the same decision."""
+    flags = torch.stack(
+        [
+            (~torch.isfinite(loss.detach())).float(),
+            torch.full((), float(stop_requested()), device=loss.device),  # a fill: no host-to-device copy
+            (~torch.isfinite(grad_norm)).float()
+            if grad_norm is not None
+            else torch.zeros((), device=loss.device),
+        ]
     )
+    distributed = state.world > 1 and dist.is_available() and dist.is_initialized()
+    local_bad = flags[0].clone() if distributed else flags[0]
+    if distributed:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad, stop, bad_grads = (bool(v) for v in flags.tolist())
+    # read only when the step is bad: no second sync on a good step
+    return StepVerdict(
+        loss_bad_here=bad and bool(local_bad.item()), loss_bad=bad, stop=stop, grads_bad=bad_grads
+    )
+
+
+def skip_step(state: TrainState, bn: BatchNormSnapshot, grad_norm: torch.Tensor | None) -> None:
+    """Undo what a step with a non-finite loss did: its BatchNorm statistics and the gradients of its
+    whole accumulation window."""
+    bn.restore()
+    state.optimizer.zero_grad(set_to_none=True)
+    if grad_norm is not None and state.scaler.is_enabled():
+        state.scaler.update()  # closes the unscale_ above (and backs the fp16 scale off)
+
+
+@dataclass
+class EpochTally:
+    """One worker's running figures over an epoch. ``sums`` ([total, *parts]) stays on the device: no
+    host sync per loss part."""
+
+    sums: torch.Tensor | None = None
+    names: tuple[str, ...] = ()
+    images: int = 0
+    wait_s: float = 0.0
+    skipped: int = 0
+    amp_skipped: int = 0
+
+    def add_losses(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        self.names = ("total", *parts)
+        values = torch.stack([loss.detach().float(), *(v.float() for v in parts.values())])
+        self.sums = values if self.sums is None else self.sums + values
+
+    def count_outcome(self, outcome: str, guard: BadStepGuard, where: str) -> None:
+        """Count an optimizer step's outcome (``optimizer_step``) and tell the guard."""
+        if outcome == "nonfinite":
+            self.skipped += 1
+            log.warning("skipped the optimizer step at %s: non-finite gradients", where)
+            guard.skipped(f"non-finite gradients at {where}")
+        else:
+            self.amp_skipped += outcome == "amp_skipped"
+            guard.stepped()
+
+    def event(self, state: TrainState, batch: int, elapsed_s: float) -> StepEvent:
+        sums = self.sums if self.sums is not None else torch.zeros(1)
+        return StepEvent(state.epoch, batch, state.steps_per_epoch, self.images, elapsed_s, sums,
+                         self.names or ("total",))  # fmt: skip
+
+    def stats(self, trained_steps: int, elapsed_s: float) -> EpochStats:
+        totals = self.sums.tolist() if self.sums is not None else []
+        return EpochStats(
+            losses={k: v / trained_steps for k, v in zip(self.names, totals, strict=True)},
+            images=self.images,
+            elapsed_s=elapsed_s,
+            loader_wait_s=self.wait_s,
+            skipped_steps=self.skipped,
+            amp_skipped_steps=self.amp_skipped,
+        )
 
 
 def unscale_and_clip(state: TrainState) -> torch.Tensor:
