@@ -27,15 +27,10 @@ from dataclasses import asdict
 from mlflow.tracking import MlflowClient
 
 from jobs.cli import run
-from pipeline.registry.register import (
-    MAP_TOLERANCE,
-    REFERENCE_IMGSZ,
-    register,
-    register_on_ray,
-    register_reference,
-    resolve_source,
-    source_run_resources,
-)
+from pipeline.registry.on_ray import register_on_ray, source_run_resources
+from pipeline.registry.register import REFERENCE_IMGSZ, register, register_reference
+from pipeline.registry.source import resolve_source
+from pipeline.registry.verify import MAP_TOLERANCE
 from pipeline.tracking import check_tracking_uri, resolve_tracking_uri
 
 

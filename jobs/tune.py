@@ -12,7 +12,8 @@ from pathlib import Path
 
 from jobs.cli import run
 from pipeline.config import load_config
-from pipeline.search.tune import ranking_table, run_search
+from pipeline.search.trials import ranking_table
+from pipeline.search.tune import run_search
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "tune-demo.yaml"
 

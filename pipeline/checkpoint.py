@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -18,6 +20,9 @@ from yolov9 import DetectionModel, build_model
 FORMAT = "yolov9-ray/training-checkpoint"
 VERSION = 1
 FILENAME = "checkpoint.pt"
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class CheckpointError(PipelineError, ValueError):
@@ -104,6 +109,20 @@ def load_checkpoint(path: Location, map_location: str | torch.device = "cpu") ->
             f"weights_only loading refuses): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         ) from e
     return TrainingCheckpoint.from_state_dict(state, path)
+
+
+def newest_loadable(
+    candidates: Sequence[T], load: Callable[[T], TrainingCheckpoint]
+) -> tuple[T, TrainingCheckpoint] | None:
+    """The first of ``candidates`` (newest first) that ``load`` reads, with what it read, passing over
+    (with a warning) any that do not load (a truncated file or upload, a missing file); None if none does.
+    Where a run resumes from, with Ray and without."""
+    for candidate in candidates:
+        try:
+            return candidate, load(candidate)
+        except (CheckpointError, OSError) as e:
+            log.warning("cannot resume from %s (%s); trying the checkpoint before it", candidate, e)
+    return None
 
 
 def ema_model(checkpoint: TrainingCheckpoint) -> DetectionModel:

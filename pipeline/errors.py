@@ -5,3 +5,7 @@ anything else is a bug and keeps its traceback."""
 
 class PipelineError(Exception):
     """A problem in what the user gave (config, data, store, checkpoint), with a message that names it."""
+
+
+class RegistrationError(PipelineError, RuntimeError):
+    """The source cannot be registered: no checkpoint, or a failed verification. Nothing was registered."""

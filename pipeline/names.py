@@ -66,12 +66,20 @@ PRETRAINED_SOURCE_TAG = "pretrained.source"  # model.weights as given (a path or
 PRETRAINED_PATH_TAG = "pretrained.path"  # the file or checkpoint directory it resolved to
 LINEAGE_SHA256_TAG = "lineage.sha256"  # sha256 of the file a run started from / a version came from
 SOURCE_CHECKPOINT_TAG = "checkpoint"  # on a registered version: the file it was made from
+VERSION_MAP_TAG = "map50_95"  # on a registered version: its verified val mAP@0.5:0.95 (the champion's score)
+VERSION_MAP50_TAG = "map50"
+PROMOTION_TAG = "promotion"  # on a registered version: why the champion alias did or did not move to it
 
 # tags of a search's runs
 SEARCH_TAG = "tune.name"  # on the parent run
 TRIAL_ID_TAG = "tune.trial_id"
 TRIAL_STATUS_TAG = "trial.status"
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag
+# a trial's status (TRIAL_STATUS_TAG and the trials table): running while it trains, then one of the others
+TRIAL_RUNNING = "running"
+TRIAL_COMPLETED = "completed"  # trained every epoch
+TRIAL_STOPPED = "stopped early"  # by the scheduler (ASHA)
+TRIAL_ERRORED = "errored"
 
 # artifacts of training runs (file names in the run's artifact root)
 PER_CLASS_CSV = "val_per_class.csv"  # per-class AP50-95 and AP50

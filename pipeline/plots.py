@@ -35,7 +35,7 @@ def write_rgb(image: np.ndarray, path: str | Path) -> Path:
 
 def plot_curves(history: Sequence[dict[str, float]], path: str | Path) -> Path:
     """Loss and mAP per epoch, as a PNG. ``history`` holds one metrics dict per epoch."""
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(10, 4))
     loss_keys = sorted(
@@ -57,7 +57,7 @@ def plot_curves(history: Sequence[dict[str, float]], path: str | Path) -> Path:
     return Path(path)
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     """matplotlib.pyplot on the file-only backend, loaded when a picture is first drawn."""
     import matplotlib
 
@@ -74,7 +74,7 @@ def plot_pr_curves(
 
     ``precision``: (R, K) COCO's interpolated precision at ``recall`` (R,); -1 (undefined: a class
     without ground truth) is not drawn."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 6))
     for k, name in enumerate(class_names):
         if ap50[k] > -1:
@@ -97,7 +97,7 @@ def plot_confusion_matrix(
 ) -> Path:
     """The ``(K + 1, K + 1)`` counts (row: true class, column: detected class, last: background) as a PNG,
     each row coloured by its share of the row total, counts written in the cells up to 30 classes."""
-    plt = _pyplot()
+    plt = pyplot()
     labels = [*class_names, "background"]
     shares = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
     side = min(4 + 0.45 * len(labels), 30)

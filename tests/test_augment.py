@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from pipeline.data.augment import (
-    PAD_VALUE,
     AugmentConfig,
     Labelled,
     affine_letterbox,
@@ -15,12 +14,10 @@ from pipeline.data.augment import (
     color_jitter,
     color_matrix,
     hflip_boxes,
-    letterbox,
-    letterbox_boxes,
     mixup,
     mosaic_affine,
-    unletterbox_boxes,
 )
+from pipeline.data.letterbox import PAD_VALUE, letterbox, letterbox_boxes, unletterbox_boxes
 
 RED = (255, 0, 0)  # RGB
 NO_AUGMENT = AugmentConfig(hsv_h=0, hsv_s=0, hsv_v=0, translate=0, scale=0, fliplr=0, mosaic=0, mixup=0)

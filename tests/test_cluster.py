@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.checkpoint import load_checkpoint
 from pipeline.registry.register import register
 from tests.conftest import free_port, start_group, stop_group
-from tests.waiting import wait_until
+from tests.waiting import accepts_connections, wait_until
 
 pytestmark = [
     pytest.mark.ray,
@@ -106,7 +106,7 @@ def two_nodes(tmp_path):
     address = f"127.0.0.1:{port}"
     nodes = [head]
     try:
-        wait_until(lambda: alive_nodes(address, env) == 1, "the head node", 120, poll_s=1)
+        wait_until(lambda: accepts_connections(port) or head.poll() is not None, "the head's GCS port", 120)
         second = start(
             [
                 str(BIN / "ray"),
@@ -120,27 +120,29 @@ def two_nodes(tmp_path):
             tmp_path / "node2.log",
         )
         nodes.append(second)
-        wait_until(lambda: alive_nodes(address, env) == 2, "the second node to join", 120, poll_s=1)
+        wait_for_nodes(address, env, 2, timeout_s=120)
         yield address, env, second
     finally:
         for node in reversed(nodes):
             stop_group(node)
 
 
-def alive_nodes(address: str, env: dict) -> int:
-    probe = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            f"import ray; ray.init(address={address!r}, log_to_driver=False); "
-            "print(sum(n['Alive'] for n in ray.nodes()))",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+def wait_for_nodes(address: str, env: dict, count: int, timeout_s: float) -> None:
+    """Wait until ``count`` nodes of the cluster at ``address`` are alive, polling from ONE probe process (a
+    process per poll cost ~2.5 CPU-seconds each: Ray's import and connect); fail with what it saw."""
+    script = (
+        "import sys, time, ray\n"
+        f"ray.init(address={address!r}, log_to_driver=False)\n"
+        f"deadline = time.monotonic() + {timeout_s}\n"
+        f"while (alive := sum(n['Alive'] for n in ray.nodes())) < {count}:\n"
+        "    if time.monotonic() > deadline:\n"
+        f"        sys.exit(f'{{alive}} of {count} nodes alive after {timeout_s} s')\n"
+        "    time.sleep(0.5)\n"
     )
-    return int(probe.stdout.strip().splitlines()[-1]) if probe.returncode == 0 else 0
+    probe = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout_s + 60
+    )
+    assert probe.returncode == 0, f"waiting for {count} nodes: {probe.stderr[-2000:]}"
 
 
 def train(tmp_path, shards, address, env, uri, name, steps) -> subprocess.Popen:

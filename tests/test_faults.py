@@ -277,8 +277,22 @@ def test_a_photo_with_exif_that_needs_no_turn_keeps_its_bytes(orientation):
     assert problems == [("kept_exif_not_turned", "cam.jpg (source id cam)")]
 
 
+def test_a_photo_with_exif_shrunk_to_max_side_is_reported_resized_not_kept():
+    import numpy as np
+
+    from pipeline.data.readers import Record
+    from pipeline.data.writer import encode_record
+
+    record = Record(
+        "cam", "cam.jpg", np.array([[2, 2, 20, 10]], np.float32), np.array([0]), image_bytes=camera_photo(1)
+    )
+    sample, problems = encode_record(record, num_classes=1, max_side=16)
+    assert (sample.width, sample.height) == (16, 8) and b"Exif\x00\x00" not in sample.jpeg
+    assert problems == [("resized", "cam.jpg (source id cam)")]
+
+
 def test_the_header_size_of_a_rotated_photo_is_its_displayed_size():
-    from pipeline.data.readers import image_size
+    from pipeline.data.image_header import image_size
 
     assert image_size(phone_photo()) == (32, 64)  # YOLO's normalised labels scale by the displayed size
 

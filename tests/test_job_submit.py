@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.checkpoint import load_checkpoint
 from tests.conftest import free_port, start_group, stop_group
+from tests.waiting import accepts_connections, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cost(55), pytest.mark.own_process]
 
@@ -54,6 +55,8 @@ def ray_head(tmp_path_factory):
     )
     address = f"http://127.0.0.1:{dashboard}"
     try:
+        up = lambda: accepts_connections(dashboard) or head.poll() is not None  # noqa: E731
+        wait_until(up, "the dashboard port", 120)
         deadline = time.time() + 120
         while True:
             # ready when a job can be submitted: the dashboard answers `ray job list` before the node's

@@ -15,16 +15,9 @@ import pytest
 import torch
 
 from pipeline.data.augment import AugmentConfig
-from pipeline.data.loader import (
-    ErrorCounts,
-    buffered_shuffle,
-    iter_samples,
-    make_train_loader,
-    make_val_loader,
-    partition,
-    shard_order,
-)
+from pipeline.data.loader import make_train_loader, make_val_loader
 from pipeline.data.manifest import DataError, read_manifest
+from pipeline.data.shard_stream import ErrorCounts, buffered_shuffle, iter_samples, partition, shard_order
 
 NO_AUGMENT = AugmentConfig(hsv_h=0, hsv_s=0, hsv_v=0, translate=0, scale=0, fliplr=0, mosaic=0, mixup=0)
 GREY_STEP = 12  # image i is a plain grey image of level 12 * i, so its id can be read back from pixels

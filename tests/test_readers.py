@@ -9,8 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
+from pipeline.data.image_header import image_size
 from pipeline.data.manifest import DataError
-from pipeline.data.readers import Report, image_size, read_coco, read_voc, read_yolo
+from pipeline.data.readers import Report, read_coco, read_voc
+from pipeline.data.yolo_reader import read_yolo
 
 
 def write_image(path: Path, width: int, height: int) -> Path:

@@ -15,7 +15,8 @@ from jobs import predict
 from pipeline import names
 from pipeline.data.synthetic import SYNTHETIC_CLASSES, synthetic_records
 from pipeline.data.writer import write_shards
-from pipeline.registry.register import RegistrationError, register_reference
+from pipeline.errors import RegistrationError
+from pipeline.registry.register import register_reference
 from pipeline.weights.pretrained import sha256_of
 from pipeline.weights.sources import resolve_weights
 from tests.conftest import val_jpegs

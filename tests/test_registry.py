@@ -19,19 +19,13 @@ from pipeline.checkpoint import TrainingCheckpoint, load_checkpoint, save_checkp
 from pipeline.config import Config
 from pipeline.data import read_manifest
 from pipeline.data.manifest import coco_json_path, manifest_path
+from pipeline.errors import RegistrationError
 from pipeline.evaluation.evaluate import evaluate_checkpoint
-from pipeline.registry.register import (
-    CHAMPION,
-    RegistrationError,
-    decide_promotion,
-    max_relative_difference,
-    recorded_map,
-    register,
-    register_after_training,
-    resolve_source,
-    verify_map,
-    verify_outputs,
-)
+from pipeline.registry.on_ray import register_after_training
+from pipeline.registry.promotion import CHAMPION, decide_promotion
+from pipeline.registry.register import register
+from pipeline.registry.source import resolve_source
+from pipeline.registry.verify import max_relative_difference, recorded_map, verify_map, verify_outputs
 from pipeline.tracking import experiment_id
 from tests.conftest import free_port, start_group, stop_group, val_jpegs, wait_until_serving
 from yolov9 import build_model, prune

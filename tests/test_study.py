@@ -9,8 +9,9 @@ from mlflow.tracking import MlflowClient
 
 from jobs.report import main as report_main
 from pipeline.config import load_config
+from pipeline.search.space import SearchError, build_space, trial_config
 from pipeline.search.study_report import ArmSummary, conclusion
-from pipeline.search.tune import SearchError, build_space, run_search, trial_config
+from pipeline.search.tune import run_search
 
 pytestmark = [pytest.mark.cost(100), pytest.mark.process_group("searches")]
 

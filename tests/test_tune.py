@@ -11,16 +11,9 @@ from ray.tune.experiment import Experiment
 
 from pipeline import names
 from pipeline.config import load_config
-from pipeline.search.tune import (
-    SearchError,
-    TrialRow,
-    build_space,
-    check_metric_in_every_report,
-    ranking_table,
-    run_search,
-    search_algorithm,
-    starting_weights,
-)
+from pipeline.search.space import SearchError, build_space
+from pipeline.search.trials import TrialRow, ranking_table
+from pipeline.search.tune import check_metric_in_every_report, run_search, search_algorithm, starting_weights
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cost(120), pytest.mark.process_group("searches")]
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pipeline.checkpoint import ema_model, load_checkpoint
-from pipeline.registry.register import first_val_images, task_resources, verify_checkpoint
+from pipeline.registry.on_ray import task_resources
+from pipeline.registry.verify import first_val_images, verify_checkpoint
 from tests.test_registry import write_checkpoint
 from yolov9 import prune
 

@@ -24,7 +24,7 @@ import pytest
 
 from pipeline.data.make import make_shards
 from pipeline.data.manifest import DataError, read_manifest
-from pipeline.data.readers import read_yolo_split, yolo_label_path
+from pipeline.data.yolo_reader import read_yolo_split, yolo_label_path
 
 YAML = "path: ../ds\ntrain: images/train\nval: images/val\ntest:\nnc: 2\nnames: {0: cat, 1: dog}\n"
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.data.manifest import DataError, Manifest
-from pipeline.data.readers import read_coco, read_voc, read_yolo, read_yolo_split
+from pipeline.data.readers import read_coco, read_voc
 from pipeline.data.synthetic import SYNTHETIC_CLASSES, synthetic_records
 from pipeline.data.writer import write_shards
+from pipeline.data.yolo_reader import read_yolo, read_yolo_split
 
 FORMATS = ("coco", "yolo", "voc", "synthetic")
 

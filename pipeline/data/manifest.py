@@ -70,7 +70,7 @@ class Manifest:
         """Shard locations: names relative to the manifest's folder joined to it (absolute local paths, or
         URLs beside a remote manifest); names that carry a scheme (s3://, pipe:...) are passed through."""
         folder = storage.parent(self.path)
-        return [s.name if is_url(s.name) else str(storage.locate(folder, s.name)) for s in self.shards]
+        return [s.name if is_location(s.name) else str(storage.locate(folder, s.name)) for s in self.shards]
 
     @property
     def manifest_hash(self) -> str:
@@ -87,7 +87,7 @@ class Manifest:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def is_url(name: str) -> bool:
+def is_location(name: str) -> bool:
     """True for shard names that are locations of their own (``s3://b/x.tar``, ``pipe:cmd``), not names
     relative to the manifest."""
     return "://" in name or name.startswith("pipe:")
@@ -181,9 +181,23 @@ def read_manifest(path: Location, allow_pipe: bool = False) -> Manifest:
             raise DataError(f"{path}: {key} is {data[key]} but the shards add up to {getattr(manifest, key)}")
     # Remote shards are not asked for one by one here: a missing one counts as a shard error when read.
     for shard, url in zip(shards, manifest.shard_urls, strict=True):
-        if not is_url(shard.name) and not storage.is_url(url) and not Path(url).is_file():
+        if not is_location(shard.name) and not storage.is_url(url) and not Path(url).is_file():
             raise DataError(f"{path}: listed shard {shard.name} does not exist ({url})")
     return manifest
+
+
+def read_splits(root: Location, allow_pipe: bool = False) -> tuple[Manifest, Manifest]:
+    """The train and val manifests of the shards at ``root`` (a local folder or a URL), checked to belong
+    together: the val split's ground truth (``val-coco.json``) is there and both list the same classes."""
+    train = read_manifest(manifest_path(root, "train"), allow_pipe)
+    val = read_manifest(manifest_path(root, "val"), allow_pipe)
+    if not storage.is_file(coco_json_path(root, "val")):
+        raise DataError(
+            f"{coco_json_path(root, 'val')} is missing: write the val split with jobs.make_shards"
+        )
+    if val.class_names != train.class_names:
+        raise DataError(f"{val.path} and {train.path} list different class names")
+    return train, val
 
 
 def _shard_info(path: Location, index: int, entry: Any) -> ShardInfo:

@@ -1,4 +1,5 @@
-"""Readers for COCO, YOLO and Pascal VOC datasets: annotations in, ``Record`` objects out.
+"""Readers for COCO and Pascal VOC datasets (YOLO: ``yolo_reader.py``): annotations in, ``Record`` objects
+out.
 
 Readers parse annotations only (images are opened by the writer, which checks them), so a reader over
 100k images is quick and light. Every problem a reader or the writer meets is counted in a ``Report``.
@@ -7,8 +8,6 @@ Readers parse annotations only (images are opened by the writer, which checks th
 from __future__ import annotations
 
 import itertools
-import os
-import struct
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -16,18 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from pipeline.data.manifest import DataError, load_json_object
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # Image formats the reference reads but the header reader here does not: counted, never silently dropped.
 OTHER_IMAGE_SUFFIXES = (".bmp", ".dng", ".mpo", ".pfm", ".tif", ".tiff", ".webp")
-# Data YAML keys that are not splits.
-YOLO_YAML_KEYS = ("path", "names", "nc", "download")
 MAX_EXAMPLES = 5
-# JPEG frame headers usually sit within the first few kB; EXIF thumbnails can push them to ~64 kB.
-HEADER_BYTES = 1 << 17
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,22 +125,8 @@ def read_coco(annotation_json: str | Path, image_dir: str | Path) -> Source:
     """
     annotation_json, image_dir = Path(annotation_json), Path(image_dir)
     data = load_json_object(Path(annotation_json), "annotation file")
-    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
-    if missing:
-        raise DataError(f"{annotation_json}: COCO file lacks the lists {missing}")
-    try:
-        categories = sorted(data["categories"], key=lambda c: int(c["id"]))
-        class_of = {int(c["id"]): i for i, c in enumerate(categories)}
-        class_names = [str(c["name"]) for c in categories]
-        images = sorted(data["images"], key=lambda im: int(im["id"]))
-        file_names = {int(im["id"]): str(im["file_name"]) for im in images}
-    except (KeyError, TypeError, ValueError) as e:
-        raise DataError(f"{annotation_json}: malformed COCO images/categories ({e!r})") from e
-    if not class_names:
-        raise DataError(f"{annotation_json}: COCO file has no categories")
-    if len(file_names) != len(images) or len(class_of) != len(categories):
-        raise DataError(f"{annotation_json}: image ids or category ids are not unique")
-
+    categories, class_names, images, file_names = _coco_lists(data, annotation_json)
+    class_of = {int(c["id"]): i for i, c in enumerate(categories)}
     report = Report()
     boxes: dict[int, list[list[float]]] = {i: [] for i in file_names}
     classes: dict[int, list[int]] = {i: [] for i in file_names}
@@ -188,6 +168,28 @@ def read_coco(annotation_json: str | Path, image_dir: str | Path) -> Source:
     return Source(class_names, records, report, info, ground_truth)
 
 
+def _coco_lists(
+    data: dict[str, Any], where: Path
+) -> tuple[list[dict[str, Any]], list[str], list[dict[str, Any]], dict[int, str]]:
+    """A COCO file's categories sorted by id with their names, and its images sorted by id with their file
+    names by id; DataError unless both are well formed, the ids unique and there is a category."""
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
+    if missing:
+        raise DataError(f"{where}: COCO file lacks the lists {missing}")
+    try:
+        categories = sorted(data["categories"], key=lambda c: int(c["id"]))
+        class_names = [str(c["name"]) for c in categories]
+        images = sorted(data["images"], key=lambda im: int(im["id"]))
+        file_names = {int(im["id"]): str(im["file_name"]) for im in images}
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{where}: malformed COCO images/categories ({e!r})") from e
+    if not class_names:
+        raise DataError(f"{where}: COCO file has no categories")
+    if len(file_names) != len(images) or len({int(c["id"]) for c in categories}) != len(categories):
+        raise DataError(f"{where}: image ids or category ids are not unique")
+    return categories, class_names, images, file_names
+
+
 def _number_annotations(annotations: list[dict[str, Any]]) -> None:
     """Give annotations without an integer ``id`` (which pycocotools indexes them by) fresh ones."""
     ids = [a["id"] for a in annotations if isinstance(a.get("id"), int)]
@@ -204,94 +206,6 @@ def _ground_truth_annotation(ann: dict[str, Any], w: float, h: float) -> dict[st
     kept.setdefault("area", w * h)
     kept.setdefault("iscrowd", 0)
     return kept
-
-
-def read_yolo(root: str | Path, data_yaml: str | Path) -> Source:
-    """Read a one-folder YOLO dataset: ``root/images/*.jpg|png`` with ``root/labels/<stem>.txt``.
-
-    Class names come from the data YAML's ``names``; labels, label lines and counted problems as in
-    ``read_yolo_split``. Image sizes are read from the file header to turn boxes into pixels.
-    """
-    root, data_yaml = Path(root), Path(data_yaml)
-    class_names = _yolo_names(_yolo_yaml(data_yaml), data_yaml)
-    image_dir = root / "images"
-    if not image_dir.is_dir():
-        raise DataError(f"{root}: YOLO dataset lacks an images/ directory")
-    report = Report()
-    images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    records = _yolo_records([(p, p.stem, p.name) for p in images], report)
-    if not records and not report.counts:
-        raise DataError(
-            f"{image_dir}: no .jpg/.jpeg/.png images found (for split folders such as images/train, "
-            "leave out --source and give --split: the data YAML's path and splits say where the images are)"
-        )
-    info = {"format": "yolo", "root": str(root), "data_yaml": str(data_yaml), "polygons": "bounding_box"}
-    return Source(class_names, records, report, info)
-
-
-def read_yolo_split(data_yaml: str | Path, split: str) -> Source:
-    """Read the split ``split`` (a key of the data YAML: train, val or test) of a YOLO dataset.
-
-    The YAML, as the reference implementation and Ultralytics lay it out:
-
-    - ``path``: the dataset root, absolute or relative to the YAML's folder (that folder if absent or empty).
-    - ``train`` / ``val`` / ``test``: a directory (searched recursively for images), a ``.txt`` file listing
-      one image path per line, or a list of several of those. Relative paths, in the YAML and in the
-      lists, are relative to the root.
-    - ``names``: a list, or a dict {index: name} with keys 0..n-1; ``nc``, if present, must equal its length.
-
-    An image's labels are at ``yolo_label_path(image)``; a missing label file means an image without boxes,
-    but a split in which no image has one is an error (the layout is not what the rule expects). Label
-    lines are ``cls xc yc w h`` normalised to [0, 1]; a line ``cls x1 y1 x2 y2 ... xn yn`` (n >= 3, a
-    segment polygon) becomes the polygon's bounding box and is counted as ``polygon_to_box``; any other
-    line is counted as ``malformed_label_line`` and skipped. Listed images that do not exist, image formats
-    other than JPEG/PNG and images listed twice are counted and skipped; a class outside ``names`` is
-    counted and dropped by the writer. ``file_name`` of a record is its path relative to the root.
-    """
-    data_yaml = Path(data_yaml)
-    data = _yolo_yaml(data_yaml)
-    class_names = _yolo_names(data, data_yaml)
-    root_text = data.get("path") or "."
-    if not isinstance(root_text, str):
-        raise DataError(f"{data_yaml}: 'path' must be a directory path, got {root_text!r}")
-    # abspath, not resolve: a symlinked images/ folder keeps the labels/ folder beside the link.
-    root = Path(os.path.abspath(data_yaml.parent / root_text))
-    if not root.is_dir():
-        raise DataError(f"{data_yaml}: dataset root {root} (from 'path') is not a directory")
-    entries = data.get(split) if split not in YOLO_YAML_KEYS else None
-    if entries is None:
-        given = [k for k, v in data.items() if k not in YOLO_YAML_KEYS and v is not None]
-        raise DataError(f"{data_yaml}: no images given for split {split!r}; the YAML gives splits {given}")
-    entries = [entries] if isinstance(entries, str) else entries
-    if not isinstance(entries, list) or not entries or not all(isinstance(e, str) and e for e in entries):
-        raise DataError(f"{data_yaml}: {split!r} must be a path or a list of paths, got {data[split]!r}")
-
-    report = Report()
-    images = _yolo_split_images(entries, root, f"{data_yaml}: {split!r} entry", report)
-    if not images and not report.counts:
-        raise DataError(f"{data_yaml}: split {split!r} ({entries}) holds no .jpg/.jpeg/.png images")
-    names = [_relative_name(p, root) for p in images]
-    records = _yolo_records([(p, n, n) for p, n in zip(images, names, strict=True)], report)
-    info = {
-        "format": "yolo",
-        "data_yaml": os.path.abspath(data_yaml),
-        "root": str(root),
-        "yaml_split": split,
-        "entries": entries,
-        "polygons": "bounding_box",
-    }
-    return Source(class_names, records, report, info)
-
-
-def yolo_label_path(image_path: Path) -> Path:
-    """The label file of a YOLO image, by the reference's rule: the last ``images`` folder in the path
-    becomes ``labels`` and the suffix ``.txt`` (``d/images/train/a.jpg`` -> ``d/labels/train/a.txt``).
-    Without an ``images`` folder the label file sits beside the image."""
-    folders = image_path.parts[:-1]
-    if "images" in folders:
-        i = len(folders) - 1 - folders[::-1].index("images")
-        image_path = Path(*folders[:i], "labels", *image_path.parts[i + 1 :])
-    return image_path.with_suffix(".txt")
 
 
 def read_voc(root: str | Path, class_names: list[str] | None = None) -> Source:
@@ -336,198 +250,6 @@ def read_voc(root: str | Path, class_names: list[str] | None = None) -> Source:
             )
         )
     return Source(names, records, report, {"format": "voc", "root": str(root)})
-
-
-def image_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) in pixels of the image as displayed, from a JPEG or PNG header, or None if the bytes
-    are neither or cut short. A JPEG whose EXIF orientation turns it by 90 degrees (5-8) is displayed, and
-    labelled, with width and height swapped; the shard writer stores it turned that way.
-
-    Reads the header only, so it costs microseconds rather than a full decode.
-    """
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and data[12:16] == b"IHDR":
-        width, height = struct.unpack(">II", data[16:24])
-        return (width, height) if width and height else None
-    frame = jpeg_frame(data)
-    if frame is None:
-        return None
-    width, height, orientation = frame
-    if orientation in (5, 6, 7, 8):
-        width, height = height, width
-    return (width, height) if width and height else None
-
-
-def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
-    """(width, height) as stored and the EXIF orientation (1-8; 1 when absent) of a JPEG, from its header;
-    None when the bytes are not a JPEG or are cut short before the frame header."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    pos, orientation = 2, 1
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            pos += 1
-            continue
-        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length field
-            pos += 2
-            continue
-        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
-        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\x00\x00":
-            orientation = exif_orientation(data[pos + 10 : pos + 2 + length])
-        # SOF0..SOF15 carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range but do not.
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if pos + 9 > len(data):
-                return None
-            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
-            return width, height, orientation
-        pos += 2 + length
-    return None
-
-
-def exif_orientation(tiff: bytes) -> int:
-    """The EXIF orientation tag (1-8; 1: as stored) of a JPEG's APP1 payload after ``Exif\0\0``; 1 when
-    absent or unreadable."""
-    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
-        return 1
-    order = "<" if tiff[:2] == b"II" else ">"
-    (ifd,) = struct.unpack(order + "I", tiff[4:8])
-    if ifd + 2 > len(tiff):
-        return 1
-    (count,) = struct.unpack(order + "H", tiff[ifd : ifd + 2])
-    for entry in range(ifd + 2, min(ifd + 2 + 12 * count, len(tiff) - 11), 12):
-        tag, kind = struct.unpack(order + "HH", tiff[entry : entry + 4])
-        if tag == 0x0112 and kind == 3:  # Orientation, SHORT
-            (value,) = struct.unpack(order + "H", tiff[entry + 8 : entry + 10])
-            return value if 1 <= value <= 8 else 1
-    return 1
-
-
-def _header_size(path: Path) -> tuple[int, int] | None:
-    """``image_size`` from the file's first bytes, reading the whole file only if the header runs longer."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(HEADER_BYTES)
-            return image_size(head) or image_size(head + f.read())
-    except OSError:
-        return None
-
-
-def _yolo_yaml(data_yaml: Path) -> dict[str, Any]:
-    if not data_yaml.is_file():
-        raise DataError(f"{data_yaml}: data YAML not found")
-    try:
-        data = yaml.safe_load(data_yaml.read_text())
-    except yaml.YAMLError as e:
-        raise DataError(f"{data_yaml}: not valid YAML ({e})") from e
-    if not isinstance(data, dict):
-        raise DataError(f"{data_yaml}: data YAML must be a mapping with 'names', got {type(data).__name__}")
-    return data
-
-
-def _yolo_names(data: dict[str, Any], data_yaml: Path) -> list[str]:
-    names = data.get("names")
-    if isinstance(names, dict):
-        if sorted(names) != list(range(len(names))):
-            raise DataError(f"{data_yaml}: names dict keys must be 0..{len(names) - 1}, got {sorted(names)}")
-        names = [names[i] for i in range(len(names))]
-    if not isinstance(names, list) or not names:
-        raise DataError(f"{data_yaml}: 'names' must be a non-empty list or {{index: name}} dict")
-    if "nc" in data and data["nc"] != len(names):
-        raise DataError(f"{data_yaml}: nc is {data['nc']!r} but 'names' has {len(names)} entries")
-    return [str(n) for n in names]
-
-
-def _yolo_split_images(entries: list[str], root: Path, where: str, report: Report) -> list[Path]:
-    """The images of a split's entries (directories or .txt lists, relative to ``root``), in order, once."""
-    images, seen = [], set()
-    for entry in entries:
-        path = root / entry
-        if path.is_dir():
-            listed = False
-            files = sorted(p for p in path.rglob("*") if p.is_file())
-        elif path.is_file() and path.suffix.lower() == ".txt":
-            listed = True
-            files = [root / line.strip() for line in path.read_text().splitlines() if line.strip()]
-        else:
-            raise DataError(f"{where} {entry!r}: {path} is neither a directory nor a .txt list of images")
-        for file in files:
-            file = Path(os.path.normpath(file))
-            suffix = file.suffix.lower()
-            if suffix not in IMAGE_SUFFIXES:
-                # Other files in an image directory (caches, notes) are not images; a list names images only.
-                if listed or suffix in OTHER_IMAGE_SUFFIXES:
-                    report.add("unsupported_image_format", str(file))
-            elif file in seen:
-                report.add("duplicate_image", str(file))
-            else:
-                seen.add(file)
-                images.append(file)
-    return images
-
-
-def _relative_name(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
-
-
-def _yolo_records(images: list[tuple[Path, str, str]], report: Report) -> list[Record]:
-    """Records of (image path, source id, file name) with the boxes of their ``yolo_label_path`` files."""
-    records, labelled = [], 0
-    for image_path, source_id, file_name in images:
-        if not image_path.is_file():
-            report.add("missing_image", str(image_path))
-            continue
-        size = _header_size(image_path)
-        if size is None:
-            report.add("unreadable_image", str(image_path))
-            continue
-        label_path = yolo_label_path(image_path)
-        rows = []
-        if label_path.is_file():
-            labelled += 1
-            rows = _yolo_rows(label_path, report)
-        width, height = size
-        boxes = np.array([r[1:] for r in rows], np.float32).reshape(-1, 4)
-        xc, yc, w, h = boxes.T
-        xyxy = np.stack(
-            [(xc - w / 2) * width, (yc - h / 2) * height, (xc + w / 2) * width, (yc + h / 2) * height], 1
-        )
-        classes = np.array([r[0] for r in rows], np.int64)
-        records.append(Record(source_id, file_name, xyxy, classes, image_path))
-    if records and not labelled:
-        image = records[0].image_path
-        raise DataError(
-            f"none of the {len(records)} images has a label file; by the rule (the last images/ folder "
-            f"becomes labels/, the suffix .txt) {image} has {yolo_label_path(image)}"
-        )
-    return records
-
-
-def _yolo_rows(label_path: Path, report: Report) -> list[tuple[int, float, float, float, float]]:
-    """(cls, xc, yc, w, h) per usable line: a box as it is, a polygon as its bounding box (counted)."""
-    rows = []
-    for lineno, line in enumerate(label_path.read_text().splitlines(), 1):
-        fields = line.split()
-        if not fields:
-            continue
-        where = f"{label_path.name}:{lineno}: {line.strip()!r}"
-        try:
-            cls = int(fields[0])
-            values = [float(v) for v in fields[1:]]
-        except ValueError:
-            report.add("malformed_label_line", where)
-            continue
-        if len(values) == 4:
-            rows.append((cls, *values))
-        elif len(values) >= 6 and len(values) % 2 == 0:
-            xs, ys = values[0::2], values[1::2]
-            x1, y1, x2, y2 = min(xs), min(ys), max(xs), max(ys)
-            rows.append((cls, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1))
-            report.add("polygon_to_box", where)
-        else:
-            report.add("malformed_label_line", f"{where}: expected 5 values (box) or 7, 9, ... (polygon)")
-    return rows
 
 
 def _voc_objects(xml_path: Path) -> tuple[str, list[tuple[str, list[float]]]]:

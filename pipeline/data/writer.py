@@ -17,7 +17,7 @@ import re
 import sys
 import tarfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import storage
+from pipeline.data.image_header import jpeg_frame
 from pipeline.data.manifest import (
     DataError,
     Manifest,
@@ -37,7 +38,7 @@ from pipeline.data.manifest import (
     write_json_atomic,
     write_manifest,
 )
-from pipeline.data.readers import Record, Report, SourceGroundTruth, jpeg_frame
+from pipeline.data.readers import Record, Report, SourceGroundTruth
 from pipeline.storage import Location
 
 log = logging.getLogger(__name__)
@@ -83,15 +84,9 @@ def encode_record(
     photos of most cameras) keeps its bytes: a second lossy compression would cost quality for nothing.
     """
     where = f"{record.file_name} (source id {record.source_id})"
-    if record.image_bytes is not None:
-        data = record.image_bytes
-    elif not record.image_path.is_file():
-        return None, [("missing_image", f"{where}: {record.image_path}")]
-    else:
-        try:
-            data = record.image_path.read_bytes()
-        except OSError as e:
-            return None, [("unreadable_image", f"{where}: {e}")]
+    data, problem = _image_bytes(record, where)
+    if data is None:
+        return None, [problem]
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # EXIF orientation applied
     if image is None:
         return None, [("unreadable_image", where)]
@@ -107,13 +102,8 @@ def encode_record(
         boxes = boxes * np.array([new_w / width, new_h / height] * 2, np.float32)
         width, height = new_w, new_h
         reasons.append("resized")
-    is_jpeg = data[:3] == b"\xff\xd8\xff"
-    frame = jpeg_frame(data) if is_jpeg else None
-    if not is_jpeg:
-        reasons.append("reencoded_non_jpeg")
-    elif frame is not None and frame[2] != 1:
-        reasons.append("reencoded_exif_turned")
-    elif data.find(b"Exif\x00\x00", 0, 65536) != -1:
+    reasons += _reencode_reasons(data)
+    if not reasons and data.find(b"Exif\x00\x00", 0, 65536) != -1:
         problems.append(("kept_exif_not_turned", where))
     if reasons:
         ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
@@ -134,6 +124,27 @@ def encode_record(
         record.image_id,
     )
     return sample, problems
+
+
+def _image_bytes(record: Record, where: str) -> tuple[bytes | None, Problem | None]:
+    """The record's encoded image (in memory or read from its file), or None and the problem."""
+    if record.image_bytes is not None:
+        return record.image_bytes, None
+    if not record.image_path.is_file():
+        return None, ("missing_image", f"{where}: {record.image_path}")
+    try:
+        return record.image_path.read_bytes(), None
+    except OSError as e:
+        return None, ("unreadable_image", f"{where}: {e}")
+
+
+def _reencode_reasons(data: bytes) -> list[str]:
+    """Why the encoded image ``data`` cannot be stored as it is: not a JPEG, or an EXIF orientation that
+    turns or mirrors it."""
+    if data[:3] != b"\xff\xd8\xff":
+        return ["reencoded_non_jpeg"]
+    frame = jpeg_frame(data)
+    return ["reencoded_exif_turned"] if frame is not None and frame[2] != 1 else []
 
 
 def check_boxes(
@@ -217,12 +228,9 @@ def write_shards(
     total = len(records) if hasattr(records, "__len__") else None
     encode = partial(encode_record, num_classes=len(class_names), max_side=max_side)
 
-    shards: list[ShardInfo] = []
-    members: list[tuple[str, bytes]] = []
-    shard_boxes = 0
+    packer = _ShardPacker(out_dir, split, shard_size)
     truth = _ValGroundTruth(ground_truth, class_names, report)
-    ids: dict[int, str] = {}
-    index = seen = 0
+    seen = 0
     progress = tqdm(total=total, desc=f"{split} shards", unit="img", file=sys.stderr, disable=None)
     with progress:
         for sample, problems in _map_in_order(encode, records, workers):
@@ -231,24 +239,12 @@ def write_shards(
             report.extend(problems)
             if sample is None:
                 continue
-            key = f"{index:0{KEY_DIGITS}d}"
-            image_id = sample.image_id if sample.image_id is not None else index + 1
-            if image_id in ids:
-                raise DataError(f"image id {image_id} of {sample.file_name} is already {ids[image_id]}'s")
-            ids[image_id] = sample.file_name
-            meta = _sample_json(sample, image_id)
-            members += [(f"{key}.jpg", sample.jpeg), (f"{key}.json", json.dumps(meta).encode())]
-            shard_boxes += len(sample.boxes)
+            image_id = packer.add(sample)
             if split == "val":
                 truth.add(sample, image_id)
-            index += 1
-            if index % shard_size == 0:
-                shards.append(_flush(out_dir, split, len(shards), members, shard_boxes))
-                members, shard_boxes = [], 0
-    if members:
-        shards.append(_flush(out_dir, split, len(shards), members, shard_boxes))
-
-    log.info("%s: %d samples in %d shards; report:\n%s", split, index, len(shards), report.summary())
+    packer.flush()
+    shards = packer.shards
+    log.info("%s: %d samples in %d shards; report:\n%s", split, packer.count, len(shards), report.summary())
     if not shards:
         raise DataError(f"no valid sample for split {split!r} out of {seen} records: {dict(report.counts)}")
     if split == "val":
@@ -269,6 +265,42 @@ def write_shards(
     )
     write_manifest(manifest, report.to_dict())
     return manifest
+
+
+@dataclass
+class _ShardPacker:
+    """Samples packed into ``<split>-NNNNNN.tar`` shards of ``shard_size`` as they come, each written as
+    soon as it is full; ``count`` samples so far, keyed by their index."""
+
+    out_dir: Location
+    split: str
+    shard_size: int
+    shards: list[ShardInfo] = field(default_factory=list)
+    members: list[tuple[str, bytes]] = field(default_factory=list)
+    boxes: int = 0
+    ids: dict[int, str] = field(default_factory=dict)
+    count: int = 0
+
+    def add(self, sample: EncodedSample) -> int:
+        """Pack ``sample``; returns its image id (its own, unique, else DataError; without one index + 1)."""
+        key = f"{self.count:0{KEY_DIGITS}d}"
+        image_id = sample.image_id if sample.image_id is not None else self.count + 1
+        if image_id in self.ids:
+            raise DataError(f"image id {image_id} of {sample.file_name} is already {self.ids[image_id]}'s")
+        self.ids[image_id] = sample.file_name
+        meta = _sample_json(sample, image_id)
+        self.members += [(f"{key}.jpg", sample.jpeg), (f"{key}.json", json.dumps(meta).encode())]
+        self.boxes += len(sample.boxes)
+        self.count += 1
+        if self.count % self.shard_size == 0:
+            self.flush()
+        return image_id
+
+    def flush(self) -> None:
+        """Write the shard being packed, if it holds any sample."""
+        if self.members:
+            self.shards.append(_flush(self.out_dir, self.split, len(self.shards), self.members, self.boxes))
+            self.members, self.boxes = [], 0
 
 
 def _check_settings(

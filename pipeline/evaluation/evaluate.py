@@ -17,8 +17,9 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.checkpoint import ema_model, load_checkpoint
+from pipeline.config import nms_settings
 from pipeline.data import DataError, read_manifest
-from pipeline.data.augment import letterbox_boxes
+from pipeline.data.letterbox import letterbox_boxes
 from pipeline.data.loader import make_val_loader
 from pipeline.data.manifest import coco_json_path, manifest_path
 from pipeline.evaluation.coco import (
@@ -181,15 +182,12 @@ def checkpoint_evaluation(
         world_size=1,
         num_workers=num_workers,
     )
-    train = state.config.get("train", {})
     return evaluate_model(
         ema_model(state).to(device, memory_format=torch.channels_last),
         loader,
         coco_json_path(data_root, "val"),
         torch.device(device),
-        conf_thres=float(train.get("val_conf", 0.001)),
-        iou_thres=float(train.get("val_iou", 0.7)),
-        max_det=int(train.get("val_max_det", 300)),
+        **nms_settings(state.config.get("train", {})),
     )
 
 

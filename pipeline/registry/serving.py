@@ -33,7 +33,7 @@ import torch
 from mlflow.models import ModelSignature
 from mlflow.types.schema import AnyType, Array, ColSpec, ParamSchema, ParamSpec, Schema
 
-from pipeline.data.augment import letterbox, unletterbox_boxes
+from pipeline.data.letterbox import letterbox, unletterbox_boxes
 from yolov9 import DetectionModel, build_model, prune
 from yolov9.postprocess import non_max_suppression
 

@@ -22,13 +22,12 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import names
 from pipeline.errors import PipelineError
-from pipeline.plots import _pyplot
-from pipeline.training.pgi_diagnostics import STATS, log_scale_if_positive, stage_names
+from pipeline.plots import pyplot
+from pipeline.training.pgi_diagnostics import GRADIENT_STATS, log_scale_if_positive, stage_names
 
 log = logging.getLogger(__name__)
 SEED_PARAM = "train.seed"
 ARTIFACT_DIR = "report"
-COMPLETED = "completed"  # the trial.status of a trial that trained every epoch
 MIN_LEARNED_MAP = 0.01  # below this best mAP50-95 no arm learned enough for a comparison to mean anything
 
 
@@ -107,7 +106,8 @@ def summarise(trials: Sequence[Trial], target: float) -> tuple[list[ArmSummary],
     level = target * max((t.best(names.MAP) for t in trials if t.values(names.MAP)), default=math.nan)
     arms: dict[str, list[Trial]] = {}
     for t in trials:
-        if t.values(names.MAP) and t.status == COMPLETED:  # a stopped trial had less budget than the others
+        # a stopped trial had less budget than the others
+        if t.values(names.MAP) and t.status == names.TRIAL_COMPLETED:
             arms.setdefault(t.arm, []).append(t)
     out = []
     for arm, group in arms.items():
@@ -193,7 +193,7 @@ def diagnostics_table(trials: Sequence[Trial]) -> tuple[list[str], dict[str, dic
 
 def plot_map_curves(trials: Sequence[Trial], path: Path) -> Path:
     """mAP50-95 and mAP50 per epoch, one colour per arm, one line per seed."""
-    plt = _pyplot()
+    plt = pyplot()
     arms = sorted({t.arm for t in trials})
     colours = {arm: plt.get_cmap("tab10")(i % 10) for i, arm in enumerate(arms)}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -216,9 +216,9 @@ def plot_map_curves(trials: Sequence[Trial], path: Path) -> Path:
 def plot_diagnostics(stages: list[str], table: dict[str, dict[str, float]], path: Path) -> Path:
     """The arms' diagnostics side by side: a panel per statistic, stages on the x axis, a line per arm
     (last epoch, mean over seeds)."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(STATS), figsize=(4 * len(STATS), 3.8), squeeze=False)
-    for ax, stat in zip(axes[0], STATS, strict=True):
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(GRADIENT_STATS), figsize=(4 * len(GRADIENT_STATS), 3.8), squeeze=False)
+    for ax, stat in zip(axes[0], GRADIENT_STATS, strict=True):
         for arm, values in sorted(table.items()):
             ys = [values.get(f"{s}/{stat}", np.nan) for s in stages]
             if not all(np.isnan(ys)):
@@ -264,7 +264,7 @@ def markdown(
         mean, std = a.figures["epochs to target"]
         cells.append(f"{_cell(mean, std, 1)} ({a.reached}/{a.seeds})" if a.reached else f"n/a (0/{a.seeds})")
         lines.append(f"| {a.arm} | {a.seeds} | " + " | ".join(cells) + " |")
-    left_out = [t for t in trials if t.status != COMPLETED]
+    left_out = [t for t in trials if t.status != names.TRIAL_COMPLETED]
     notes = (
         [f"{len(left_out)} trial(s) did not complete (see Trials) and are left out of the table."]
         if left_out
@@ -272,27 +272,7 @@ def markdown(
     )
     lines += ["", "## Conclusion", "", *(f"- {s}" for s in [*notes, *conclusion(arms)]), ""]
     lines += ["## mAP curves", "", "![mAP curves](map_curves.png)", ""]
-    if diag:
-        shown = [s for s in stages if s.startswith("backbone")] or stages
-        lines += [
-            "## Gradient diagnostics (last epoch, mean over seeds)",
-            "",
-            "What each branch's weighted loss alone sends into each stage "
-            "(`pipeline/training/pgi_diagnostics.py`). Backbone "
-            "stages, aux/main gradient-norm ratio and cosine similarity:",
-            "",
-            "| arm | " + " | ".join(shown) + " |",
-            "|---|" + "---|" * len(shown),
-        ]
-        for arm, values in sorted(diag.items()):
-            cells = []
-            for s in shown:
-                ratio, cos = values.get(f"{s}/aux_main_ratio"), values.get(f"{s}/cosine")
-                cells.append(
-                    "-" if ratio is None else f"{ratio:.3g} / {'-' if cos is None else f'{cos:+.2f}'}"
-                )
-            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-        lines += ["", "![diagnostics by arm](pgi_by_arm.png)", ""]
+    lines += _diagnostics_section(stages, diag)
     lines += [
         "## Trials",
         "",
@@ -303,6 +283,32 @@ def markdown(
         best, final = t.best(names.MAP), t.final(names.MAP)
         lines.append(f"| {t.arm} | {t.seed} | {t.status} | {best:.4f} | {final:.4f} | `{t.run_id}` |")
     return "\n".join(lines) + "\n"
+
+
+def _diagnostics_section(stages: list[str], diag: dict[str, dict[str, float]]) -> list[str]:
+    """The report's gradient-diagnostics table (backbone stages: aux/main norm ratio / cosine) and its
+    picture; nothing when no trial logged diagnostics."""
+    if not diag:
+        return []
+    shown = [s for s in stages if s.startswith("backbone")] or stages
+    lines = [
+        "## Gradient diagnostics (last epoch, mean over seeds)",
+        "",
+        "What each branch's weighted loss alone sends into each stage "
+        "(`pipeline/training/pgi_diagnostics.py`). Backbone "
+        "stages, aux/main gradient-norm ratio and cosine similarity:",
+        "",
+        "| arm | " + " | ".join(shown) + " |",
+        "|---|" + "---|" * len(shown),
+    ]
+    for arm, values in sorted(diag.items()):
+        cells = []
+        for s in shown:
+            ratio, cos = values.get(f"{s}/aux_main_ratio"), values.get(f"{s}/cosine")
+            cells.append("-" if ratio is None else f"{ratio:.3g} / {'-' if cos is None else f'{cos:+.2f}'}")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "![diagnostics by arm](pgi_by_arm.png)", ""]
+    return lines
 
 
 def build_report(uri: str, search: str, out: str | Path, target: float = 0.9) -> Path:

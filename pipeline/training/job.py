@@ -15,10 +15,10 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import names, storage
 from pipeline.checkpoint import RunCheckpoints, TrainingCheckpoint, ema_model, load_checkpoint
-from pipeline.config import Config
-from pipeline.data import DataError, Manifest, read_manifest
+from pipeline.config import Config, nms_settings
+from pipeline.data import DataError, Manifest
 from pipeline.data.loader import make_val_loader
-from pipeline.data.manifest import coco_json_path, manifest_path
+from pipeline.data.manifest import coco_json_path, manifest_path, read_splits
 from pipeline.data.synthetic import write_synthetic_dataset
 from pipeline.evaluation.evaluate import Evaluation, evaluate_model, render_predictions
 from pipeline.evaluation.table import write_artifacts
@@ -73,18 +73,11 @@ def prepare_data(cfg: Config) -> tuple[Manifest, Manifest]:
             shard_size=s.shard_size,
             overwrite=True,
         )
-    train = read_manifest(manifest_path(root, "train"), cfg.data.allow_pipe)
-    val = read_manifest(manifest_path(root, "val"), cfg.data.allow_pipe)
-    if not storage.is_file(coco_json_path(root, "val")):
-        raise DataError(
-            f"{coco_json_path(root, 'val')} is missing: write the val split with jobs.make_shards"
-        )
+    train, val = read_splits(root, cfg.data.allow_pipe)
     if cfg.model.num_classes is not None and cfg.model.num_classes != train.num_classes:
         raise DataError(
             f"model.num_classes is {cfg.model.num_classes} but {train.path} lists {train.num_classes} classes"
         )
-    if val.class_names != train.class_names:
-        raise DataError(f"{val.path} and {train.path} list different class names")
     return train, val
 
 
@@ -135,27 +128,10 @@ def run_training(
         _deliver(outbox, cfg, local, patience_s=min(cfg.train.tracking_patience_s, 30.0))
         raise
     history = checkpoints.latest.history if checkpoints.latest is not None else []
-    # Every epoch the run does not hold yet (the live logger's queue dies with the run), then the rest.
-    outbox = TrackingOutbox(uri)
-    outbox.add(*epoch_records(uri, run_id, history))
-    _log_final_artifacts(outbox, run_id, cfg, val_manifest, checkpoints)
+    unsent = _finish_tracking(uri, run_id, cfg, local, val_manifest, checkpoints)
+    if cfg.mlflow.register and checkpoints.best_path is not None:
+        _register(cfg, checkpoints.best_path, run_id, uri, local, tracking_complete=unsent is None)
     best_epoch = max(history, key=lambda h: h.get(names.MAP, -1.0)) if history else {}
-    if checkpoints.best_path is not None:
-        outbox.add(TrackingRecord("tag", run_id, name=names.BEST_CHECKPOINT_TAG, value=checkpoints.best_path))
-    outbox.add(TrackingRecord("status", run_id, value="FINISHED"))
-    unsent = _deliver(outbox, cfg, local, patience_s=cfg.train.tracking_patience_s)
-    if cfg.mlflow.register and checkpoints.best_path is not None and unsent is not None:
-        log.warning("not registering: the run's tracking is not complete in %s (see above)", uri)
-    elif cfg.mlflow.register and checkpoints.best_path is not None:
-        from pipeline.registry.register import (
-            register_after_training,  # onnx and friends load only when asked
-        )
-
-        # on Ray, the checks and the export run as a task with a training worker's resources, not here
-        result = register_after_training(
-            checkpoints.best_path, run_id, uri, cfg.mlflow.model_name, on_ray=not local
-        )
-        log.info("registered %s: %s", result.model_uri, result.promotion.reason)
     return TrainingSummary(
         run_name=cfg.ray.run_name,
         storage_path=cfg.ray.storage_path,
@@ -168,6 +144,37 @@ def run_training(
         mlflow_run_id=run_id,
         unsent_tracking=str(unsent) if unsent is not None else None,
     )
+
+
+def _finish_tracking(
+    uri: str, run_id: str, cfg: Config, local: bool, val_manifest: Manifest, checkpoints: RunCheckpoints
+) -> Path | None:
+    """Send what a finished run's MLflow run lacks: every epoch it does not hold yet (the live logger's
+    queue dies with the run), the final artifacts, the best checkpoint's tag and FINISHED. Returns the file
+    holding what could not be sent (None: all sent)."""
+    history = checkpoints.latest.history if checkpoints.latest is not None else []
+    outbox = TrackingOutbox(uri)
+    outbox.add(*epoch_records(uri, run_id, history))
+    _log_final_artifacts(outbox, run_id, cfg, val_manifest, checkpoints)
+    if checkpoints.best_path is not None:
+        outbox.add(TrackingRecord("tag", run_id, name=names.BEST_CHECKPOINT_TAG, value=checkpoints.best_path))
+    outbox.add(TrackingRecord("status", run_id, value="FINISHED"))
+    return _deliver(outbox, cfg, local, patience_s=cfg.train.tracking_patience_s)
+
+
+def _register(
+    cfg: Config, best_path: str, run_id: str, uri: str, local: bool, *, tracking_complete: bool
+) -> None:
+    """``mlflow.register: true``: register the run's best checkpoint, unless its tracking is incomplete
+    (the registration would point at a run that lacks its record)."""
+    if not tracking_complete:
+        log.warning("not registering: the run's tracking is not complete in %s (see above)", uri)
+        return
+    from pipeline.registry.on_ray import register_after_training  # onnx and friends load only when asked
+
+    # on Ray, the checks and the export run as a task with a training worker's resources, not here
+    result = register_after_training(best_path, run_id, uri, cfg.mlflow.model_name, on_ray=not local)
+    log.info("registered %s: %s", result.model_uri, result.promotion.reason)
 
 
 def unsent_tracking_path(cfg: Config, local: bool) -> Path:
@@ -267,7 +274,5 @@ def _evaluation(state: TrainingCheckpoint, cfg: Config, val_manifest: Manifest) 
         loader,
         coco_json_path(cfg.data.root, "val"),
         torch.device("cpu"),
-        conf_thres=cfg.train.val_conf,
-        iou_thres=cfg.train.val_iou,
-        max_det=cfg.train.val_max_det,
+        **nms_settings(cfg.train),
     )

@@ -28,6 +28,7 @@ from pipeline.checkpoint import (
     RunCheckpoints,
     TrainingCheckpoint,
     load_checkpoint,
+    newest_loadable,
     save_checkpoint,
 )
 from pipeline.config import Config, ConfigError
@@ -35,7 +36,7 @@ from pipeline.tracking import TrackingOutbox, artifact_record, epoch_record
 from pipeline.training.artifacts import write_epoch_artifacts
 from pipeline.training.loop import train
 from pipeline.training.preemption import clear_stop_request, install_sigterm_handler, training
-from pipeline.training.progress import epoch_summary, progress_hook
+from pipeline.training.progress import epoch_summary, eta_s, progress_hook
 from pipeline.training.state import TrainingData, TrainState, build_train_state
 from pipeline.training.step import StepHook
 
@@ -80,9 +81,11 @@ def fit_local(
                 epoch_record(tracking[1], metrics), *(artifact_record(tracking[1], p) for p in pictures)
             )
             outbox.send(patience_s=0)  # one try: training does not wait for the server
+        left = cfg.train.epochs - state.epoch
         done = state.epoch - first_epoch
-        eta = (time.monotonic() - started) / max(done, 1) * (cfg.train.epochs - state.epoch)
-        log.info(epoch_summary(metrics, cfg.train.epochs, eta))
+        log.info(
+            epoch_summary(metrics, cfg.train.epochs, eta_s(time.monotonic() - started, done, done + left))
+        )
 
     def on_stop(state: TrainState) -> None:
         metrics = {names.PREEMPTED: float(state.step)}
@@ -118,15 +121,11 @@ def _latest_loadable(directory: Path) -> tuple[Path | None, TrainingCheckpoint |
     """The newest complete checkpoint of a local run that loads, passing over (with a warning) any that do
     not (a truncated file, a missing one)."""
     found = sorted((p for p in directory.glob("checkpoint_*") if (p / METRICS_FILE).is_file()), reverse=True)
-    for path in found:
-        try:
-            checkpoint = load_checkpoint(path)
-        except CheckpointError as e:
-            log.warning("cannot resume from %s (%s); trying the checkpoint before it", path, e)
-            continue
-        if path != found[0]:
-            log.warning("resuming from %s instead of the unreadable latest %s", path, found[0])
-        return path, checkpoint
+    loaded = newest_loadable(found, load_checkpoint)
+    if loaded is not None:
+        if loaded[0] != found[0]:
+            log.warning("resuming from %s instead of the unreadable latest %s", loaded[0], found[0])
+        return loaded
     if found:
         raise CheckpointError(f"no checkpoint in {directory} loads; see the warnings above")
     return None, None

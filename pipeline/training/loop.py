@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline import names
+from pipeline.config import nms_settings
 from pipeline.data.loader import Loader, make_train_loader, make_val_loader
 from pipeline.evaluation.evaluate import evaluate_distributed
 from pipeline.training.pgi_diagnostics import pgi_diagnostics
@@ -131,9 +132,7 @@ def validate(state: TrainState) -> dict[str, float]:
         loader,
         state.data.val_coco_json,
         state.device,
-        conf_thres=cfg.train.val_conf,
-        iou_thres=cfg.train.val_iou,
-        max_det=cfg.train.val_max_det,
+        **nms_settings(cfg.train),
     )
     return {names.COCO_METRICS[k]: v for k, v in scores.items()}
 

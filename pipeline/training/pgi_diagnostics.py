@@ -36,7 +36,7 @@ from torch import nn
 from pipeline import names
 from pipeline.data.augment import AugmentConfig
 from pipeline.data.loader import make_train_loader
-from pipeline.plots import _pyplot
+from pipeline.plots import pyplot
 from pipeline.training.ema import unwrap
 from yolov9.loss import DualDetectionLoss
 from yolov9.model import DetectionModel, load_model_spec
@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # the training loop imports this module
 ZERO_GRAD_RTOL = 1e-6  # "near zero": below this fraction of the largest main-loss gradient magnitude
 # the fixed batch: the val split's first images, resized only (no mosaic, flip, colour or affine jitter)
 NO_AUGMENT = AugmentConfig(hsv_h=0, hsv_s=0, hsv_v=0, translate=0, scale=0, fliplr=0, mosaic=0, mixup=0)
-STATS = ("main_grad_norm", "aux_grad_norm", "aux_main_ratio", "cosine", "main_zero_frac")
+GRADIENT_STATS = ("main_grad_norm", "aux_grad_norm", "aux_main_ratio", "cosine", "main_zero_frac")
 
 
 def gradient_stats(
@@ -198,12 +198,12 @@ def stage_names(history: Sequence[Mapping[str, float]]) -> list[str]:
 def plot_pgi(history: Sequence[Mapping[str, float]], path: str | Path, title: str = "") -> Path:
     """One PNG of a run's diagnostics: a panel per statistic, stages on the x axis, one line per epoch
     that has them (``history``: one metrics dict per epoch, with ``epoch``)."""
-    plt = _pyplot()
+    plt = pyplot()
     stages = stage_names(history)
     rows = [h for h in history if any(k.startswith(names.PGI_PREFIX) for k in h)]
-    fig, axes = plt.subplots(1, len(STATS), figsize=(4 * len(STATS), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(GRADIENT_STATS), figsize=(4 * len(GRADIENT_STATS), 3.6), squeeze=False)
     colours = plt.get_cmap("viridis")
-    for ax, stat in zip(axes[0], STATS, strict=True):
+    for ax, stat in zip(axes[0], GRADIENT_STATS, strict=True):
         for n, h in enumerate(rows):
             values = [h.get(f"{names.PGI_PREFIX}{s}/{stat}", np.nan) for s in stages]
             ax.plot(range(len(stages)), values, marker="o", color=colours(n / max(len(rows) - 1, 1)),

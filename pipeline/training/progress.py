@@ -18,13 +18,18 @@ from pipeline.training.step import StepEvent
 log = logging.getLogger(__name__)
 
 
+def eta_s(elapsed_s: float, done: int, total: int) -> float:
+    """Seconds until ``total`` units (steps, epochs) are done, at the rate of the ``done`` ones so far."""
+    return elapsed_s / max(done, 1) * (total - done)
+
+
 def progress_line(event: StepEvent, world: int) -> str:
     """``epoch E step s/S total=.. box=.. ... 123.4 img/s ETA 5.2 min`` (losses are running means)."""
     done = event.batch + 1
     means = (event.loss_sums / done).tolist()
     losses = " ".join(f"{k}={v:.3f}" for k, v in zip(event.loss_names, means, strict=True))
     rate = event.images * world / max(event.elapsed_s, 1e-9)
-    eta = event.elapsed_s / done * (event.steps - done)
+    eta = eta_s(event.elapsed_s, done, event.steps)
     return (
         f"epoch {event.epoch + 1} step {done}/{event.steps} {losses} {rate:.1f} img/s ETA {eta / 60:.1f} min"
     )

@@ -33,7 +33,13 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.torch.config import _TorchBackend
 
 from pipeline import names
-from pipeline.checkpoint import CheckpointError, TrainingCheckpoint, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import (
+    CheckpointError,
+    TrainingCheckpoint,
+    load_checkpoint,
+    newest_loadable,
+    save_checkpoint,
+)
 from pipeline.config import Config, config_from_dict
 from pipeline.training import (
     ProgressLog,
@@ -46,6 +52,7 @@ from pipeline.training import (
 )
 from pipeline.training.artifacts import CURVES_PNG, write_epoch_artifacts
 from pipeline.training.preemption import install_sigterm_handler, training
+from pipeline.training.progress import eta_s
 
 log = logging.getLogger(__name__)
 
@@ -153,13 +160,14 @@ def resume_checkpoint(
         candidates = sorted([*candidates, latest.path], key=lambda p: Path(p).name, reverse=True)
     if not candidates:
         return None
-    for path in candidates:
-        try:
-            with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
-                state = load_checkpoint(d, map_location=device)
-        except (CheckpointError, OSError) as e:
-            log.warning("cannot resume from %s (%s); trying the checkpoint before it", path, e)
-            continue
+
+    def load(path: str) -> TrainingCheckpoint:
+        with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
+            return load_checkpoint(d, map_location=device)
+
+    loaded = newest_loadable(candidates, load)
+    if loaded is not None:
+        path, state = loaded
         if latest is None or path != latest.path:
             log.warning("resuming from %s (Ray's latest record: %s)", path, latest.path if latest else "none")
         return state
@@ -245,7 +253,8 @@ class EpochPrinter(ray.train.UserCallback):
         epoch = int(m[names.EPOCH])
         if self.first_epoch is None:
             self.first_epoch = epoch - 1
-        eta = (time.time() - self.started) / max(epoch - self.first_epoch, 1) * (self.epochs - epoch)
+        done = epoch - self.first_epoch
+        eta = eta_s(time.time() - self.started, done, done + self.epochs - epoch)
         _controller_log().info(epoch_summary(m, self.epochs, eta))
 
 

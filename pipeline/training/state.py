@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from pipeline.checkpoint import TrainingCheckpoint
-from pipeline.config import Config
-from pipeline.data import Manifest, read_manifest
+from pipeline.config import Config, TrainConfig
+from pipeline.data import Manifest
 from pipeline.data.loader import Loader
-from pipeline.data.manifest import coco_json_path, manifest_path
+from pipeline.data.manifest import coco_json_path, read_splits
 from pipeline.training.ema import ModelEMA, unwrap
 from pipeline.training.optimizer import Schedule, build_sgd, images_per_step, linear_scale
 from pipeline.weights.pretrained import freeze_layers, load_initial_weights
@@ -38,11 +38,8 @@ class TrainingData:
     @classmethod
     def read(cls, root: str, allow_pipe: bool = False) -> TrainingData:
         """The splits at ``root`` (a local folder or a URL); ``allow_pipe``: ``data.allow_pipe``."""
-        return cls(
-            read_manifest(manifest_path(root, "train"), allow_pipe),
-            read_manifest(manifest_path(root, "val"), allow_pipe),
-            str(coco_json_path(root, "val")),
-        )
+        train, val = read_splits(root, allow_pipe)
+        return cls(train, val, str(coco_json_path(root, "val")))
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
@@ -129,43 +126,11 @@ def build_train_state(
     """
     torch.manual_seed(cfg.train.seed + rank)
     num_classes = cfg.model.num_classes or data.train.num_classes
-    model = build_model(cfg.model.name, num_classes=num_classes)
-    if resume is None and cfg.model.weights is not None:
-        report = load_initial_weights(model, cfg.model.weights)
-        if rank == 0:
-            log.info(report.summary())
-    if cfg.model.sync_bn and world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    freeze_layers(model, cfg.model.freeze)
-    # channels-last (NHWC) is the layout oneDNN and cuDNN run convolutions fastest in, forward and backward
-    model.to(device, memory_format=torch.channels_last)
+    model = _model(cfg, num_classes, device, rank, world, fresh=resume is None)
     ema = ModelEMA(model, cfg.train.ema_decay, cfg.train.ema_tau)
-    t = cfg.train
-    global_batch = t.batch_size * world
-    # weight decay acts once per optimizer step: scaled to the images the step sums (training.optimizer)
-    scale = linear_scale(t.nominal_batch, global_batch)
-    optimizer = build_sgd(model, t.lr0, t.momentum, t.weight_decay * scale)
-    if rank == 0 and global_batch > t.nominal_batch:
-        log.info(
-            "global batch %d (%d workers x %d) exceeds train.nominal_batch %d: each step sums %d images' "
-            "gradients, i.e. lr0 and weight decay act x%.2f per step (linear scaling; per image unchanged)",
-            global_batch, world, t.batch_size, t.nominal_batch,
-            images_per_step(t.nominal_batch, global_batch), scale,
-        )  # fmt: skip
-    amp = amp_dtype(t.amp, device)
+    optimizer, schedule = _optimizer_and_schedule(model, cfg.train, world, rank, data.train.num_samples)
+    amp = amp_dtype(cfg.train.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    schedule = Schedule(
-        lr0=t.lr0,
-        lrf=t.lrf,
-        epochs=t.epochs,
-        steps_per_epoch=t.steps_per_epoch or max(data.train.num_samples // global_batch, 1),
-        momentum=t.momentum,
-        warmup_epochs=t.warmup_epochs,
-        warmup_min_steps=t.warmup_min_steps,
-        warmup_bias_lr=t.warmup_bias_lr,
-        warmup_momentum=t.warmup_momentum,
-        cosine=t.cosine,
-    )
     state = TrainState(
         cfg=cfg,
         data=data,
@@ -190,6 +155,53 @@ def build_train_state(
     if cfg.train.compile:
         compile_for_training(state)
     return state
+
+
+def _model(
+    cfg: Config, num_classes: int, device: torch.device, rank: int, world: int, *, fresh: bool
+) -> nn.Module:
+    """The detection model of ``cfg`` on ``device``: a fresh run's starting weights loaded, SyncBatchNorm
+    when asked on several workers, the frozen layers frozen."""
+    model = build_model(cfg.model.name, num_classes=num_classes)
+    if fresh and cfg.model.weights is not None:
+        report = load_initial_weights(model, cfg.model.weights)
+        if rank == 0:
+            log.info(report.summary())
+    if cfg.model.sync_bn and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    freeze_layers(model, cfg.model.freeze)
+    # channels-last (NHWC) is the layout oneDNN and cuDNN run convolutions fastest in, forward and backward
+    return model.to(device, memory_format=torch.channels_last)
+
+
+def _optimizer_and_schedule(
+    model: nn.Module, t: TrainConfig, world: int, rank: int, num_samples: int
+) -> tuple[torch.optim.Optimizer, Schedule]:
+    """SGD with its three parameter groups, and the learning-rate, momentum and accumulation schedule."""
+    global_batch = t.batch_size * world
+    # weight decay acts once per optimizer step: scaled to the images the step sums (training.optimizer)
+    scale = linear_scale(t.nominal_batch, global_batch)
+    optimizer = build_sgd(model, t.lr0, t.momentum, t.weight_decay * scale)
+    if rank == 0 and global_batch > t.nominal_batch:
+        log.info(
+            "global batch %d (%d workers x %d) exceeds train.nominal_batch %d: each step sums %d images' "
+            "gradients, i.e. lr0 and weight decay act x%.2f per step (linear scaling; per image unchanged)",
+            global_batch, world, t.batch_size, t.nominal_batch,
+            images_per_step(t.nominal_batch, global_batch), scale,
+        )  # fmt: skip
+    schedule = Schedule(
+        lr0=t.lr0,
+        lrf=t.lrf,
+        epochs=t.epochs,
+        steps_per_epoch=t.steps_per_epoch or max(num_samples // global_batch, 1),
+        momentum=t.momentum,
+        warmup_epochs=t.warmup_epochs,
+        warmup_min_steps=t.warmup_min_steps,
+        warmup_bias_lr=t.warmup_bias_lr,
+        warmup_momentum=t.warmup_momentum,
+        cosine=t.cosine,
+    )
+    return optimizer, schedule
 
 
 def compile_for_training(state: TrainState, backend: str = "inductor") -> None:

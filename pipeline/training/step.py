@@ -118,11 +118,10 @@ def train_one_epoch(
     A state saved mid-epoch (``state.step`` past the epoch's first step) resumes at its batch: the loader's
     batches are a function of (seed, epoch, rank), so the first ones are drawn and dropped. ``batch_ids``
     names the images of the current batch in the warning for a skipped step. Raises TrainingDiverged after
-    ``guard.max_in_a_row`` skipped steps in a row, StopRequested after the step in which a stop request
-    (SIGTERM on any rank) was seen.
-    """
-    steps = state.steps_per_epoch
-    guard = guard or BadStepGuard(state.cfg.train.max_bad_steps)
+    ``guard.max_in_a_row`` skipped steps in a row, StopRequested after a step that saw a stop request
+    (SIGTERM on any rank)."""
+    cfg, steps = state.cfg.train, state.steps_per_epoch
+    guard = guard or BadStepGuard(cfg.max_bad_steps)
     first = resume_position(state)
     state.model.train()
     bn = BatchNormSnapshot(state.model)
@@ -135,9 +134,7 @@ def train_one_epoch(
             continue
         tally.wait_s += time.perf_counter() - fetch_start
         state.schedule.apply(state.optimizer, state.epoch, state.step)
-        accumulate = state.schedule.accumulate_at(
-            state.step, state.cfg.train.nominal_batch, state.global_batch
-        )
+        accumulate = state.schedule.accumulate_at(state.step, cfg.nominal_batch, state.global_batch)
         boundary = state.step + 1 - last_optimizer_step >= accumulate or i == steps - 1
         loss, parts = forward_backward(state, images, targets, boundary, bn)
         grad_norm = unscale_and_clip(state) if boundary else None
@@ -146,12 +143,11 @@ def train_one_epoch(
         if verdict.loss_bad:
             skip_step(state, bn, grad_norm)
             last_optimizer_step = state.step + 1
-            tally.skipped += 1
             if verdict.loss_bad_here:
                 ids = list(batch_ids()) if batch_ids is not None else []
                 log.warning("skipped %s on rank %d: non-finite loss %s; images %s", where, state.rank,
                             loss.item(), ids)  # fmt: skip
-            guard.skipped(f"non-finite loss at {where}")
+            tally.count_outcome("nonfinite_loss", guard, where)
         else:
             if boundary:
                 outcome = optimizer_step(state, grads_finite=not verdict.grads_bad)
@@ -254,8 +250,12 @@ class EpochTally:
         self.sums = values if self.sums is None else self.sums + values
 
     def count_outcome(self, outcome: str, guard: BadStepGuard, where: str) -> None:
-        """Count an optimizer step's outcome (``optimizer_step``) and tell the guard."""
-        if outcome == "nonfinite":
+        """Count a step's outcome (``optimizer_step``'s, or ``nonfinite_loss`` for a step skipped before it)
+        and tell the guard."""
+        if outcome == "nonfinite_loss":
+            self.skipped += 1
+            guard.skipped(f"non-finite loss at {where}")
+        elif outcome == "nonfinite":
             self.skipped += 1
             log.warning("skipped the optimizer step at %s: non-finite gradients", where)
             guard.skipped(f"non-finite gradients at {where}")
