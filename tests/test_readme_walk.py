@@ -69,7 +69,7 @@ def demo(folder) -> str:
 
 @pytest.fixture(scope="module")
 def search(demo, folder) -> str:
-    cut_down = ["tune.num_samples=2", "train.epochs=2", "train.steps_per_epoch=4"]
+    cut_down = ["tune.num_samples=2", "train.epochs=1", "train.steps_per_epoch=4"]
     return succeeded(typed(folder, "jobs.tune", *cut_down, timeout=600))
 
 
