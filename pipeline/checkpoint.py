@@ -95,12 +95,12 @@ def load_checkpoint(path: Location, map_location: str | torch.device = "cpu") ->
     a missing file, a corrupt one, one holding pickled objects, or a foreign dictionary; StorageError
     when an object store cannot be reached.
     """
-    path = path if storage.is_url(path) else Path(path)
+    path = storage.locate(path)
     if storage.is_dir(path):
         path = storage.locate(path, FILENAME)
     if not storage.is_file(path):
         raise CheckpointError(f"no checkpoint at {path}")
-    source = io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path
+    source = path if isinstance(path, Path) else io.BytesIO(storage.read_bytes(path))
     try:
         state = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError depending on damage

@@ -147,7 +147,7 @@ def read_manifest(path: Location, allow_pipe: bool = False) -> Manifest:
     mistyped keys, totals that disagree with the shard list, a listed local shard that does not exist, or
     (unless ``allow_pipe``) a ``pipe:`` shard name, which would run a shell command.
     """
-    path = path if storage.is_url(path) else Path(str(path).removeprefix("file://"))
+    path = storage.locate(path)
     data = load_json_object(path, "manifest file")
     if data.get("format") != FORMAT:
         raise DataError(f"{path}: format marker is {data.get('format')!r}, expected {FORMAT!r}")

@@ -220,8 +220,7 @@ def write_shards(
     already holds this split (unless ``overwrite``), bad settings, or when no valid sample remains.
     """
     _check_settings(class_names, split, shard_size, max_side, workers)
-    if not storage.is_url(out_dir):
-        out_dir = Path(out_dir)
+    out_dir = storage.locate(out_dir)
     storage.make_dirs(out_dir)
     _clear_output(out_dir, split, overwrite)
     report = report if report is not None else Report()
@@ -319,7 +318,7 @@ def _check_settings(
 
 
 def _resolved(location: Location) -> Location:
-    return location if storage.is_url(location) else Path(location).resolve()
+    return location.resolve() if isinstance(location, Path) else location
 
 
 def _clear_output(out_dir: Location, split: str, overwrite: bool) -> None:

@@ -84,7 +84,7 @@ def load_ground_truth(gt_json: str | Path | Mapping) -> GroundTruth:
     if isinstance(gt_json, Mapping):
         dataset = copy.deepcopy(dict(gt_json))
     else:
-        path = gt_json if storage.is_url(gt_json) else Path(gt_json)
+        path = storage.locate(gt_json)
         if not storage.is_file(path):
             raise FileNotFoundError(f"COCO ground-truth file not found: {path}")
         dataset = json.loads(storage.read_bytes(path))

@@ -221,7 +221,8 @@ def register_reference(
     check_tracking_uri(tracking_uri)
     if imgsz < 32 or imgsz % 32:
         raise RegistrationError(f"imgsz must be a positive multiple of 32, got {imgsz}")
-    located = weights if storage.is_url(weights) else Path(str(weights)).resolve()
+    located = storage.locate(weights)
+    located = located.resolve() if isinstance(located, Path) else located
     source = _reference_file(located)
     root = storage.locate(data_root)
     manifest = read_val_manifest(root)
