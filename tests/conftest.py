@@ -108,7 +108,7 @@ def local_ray():
     instance per process, never a second one after the first."""
     import ray
 
-    from pipeline.training.ray_train import LOCAL_RAY_TRAIN_ENV
+    from pipeline.training.ray_train import LOCAL_RAY_TRAIN_ENV, start_local_ray
 
     started = not ray.is_initialized()
     with pytest.MonkeyPatch.context() as env:
@@ -118,12 +118,11 @@ def local_ray():
                 env.setenv(name, os.environ.get(name, value))
             # The dashboard serves the state API that Ray Train uses to release the resources of runs
             # whose driver was stopped (a trial ended by ASHA), so it stays on, on 127.0.0.1.
-            ray.init(
+            start_local_ray(
                 # Four logical CPUs on two cores: a search of two concurrent 1-worker trials once waited
                 # 300 s for a CPU that a stopped trial's worker group still held (its placement group not
                 # yet removed) and then timed out; two spare CPUs let the next trial start meanwhile.
                 num_cpus=4,
-                _node_ip_address="127.0.0.1",
                 include_dashboard=True,
                 dashboard_host="127.0.0.1",
                 dashboard_port=free_port(),
@@ -136,6 +135,7 @@ def local_ray():
             stopper = threading.Thread(target=ray.shutdown, daemon=True)
             stopper.start()
             stopper.join(timeout=15)
+            os.environ.pop("RAY_ADDRESS", None)  # start_local_ray's: the instance is gone
 
 
 def val_jpegs(shards: Path, out: Path) -> dict[str, int]:

@@ -2,7 +2,8 @@
 
 Every step's loss is infinite (an infinite box gain). The job runs in a process and Ray instance of its own:
 after a diverged run the same Ray instance does not start the next Ray Train run (see the closing note of
-issue 16), and that must not stall other tests. This module uses no shared Ray instance.
+issue 16), and that must not stall other tests. This module uses no shared Ray instance; another local
+instance runs beside the job on purpose, as on a shared machine (and in this suite).
 """
 
 import os
@@ -11,14 +12,37 @@ import sys
 
 import pytest
 
+from tests.conftest import start_group, stop_group
 from tests.test_train import tiny_overrides
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.cost(25), pytest.mark.own_process]
 
 
+@pytest.fixture
+def another_ray_instance(tmp_path):
+    """A second local Ray instance on this machine while the test runs. Ray Train's helper actors once
+    asked the state API for "the" local instance, found two and died with a traceback in the job's log
+    (pipeline.training.ray_train.start_local_ray)."""
+    script = (
+        "import ray, time; ray.init(_node_ip_address='127.0.0.1', include_dashboard=False); "
+        "print('up', flush=True); time.sleep(600)"
+    )
+    log = tmp_path / "other-ray.log"
+    with open(log, "w") as out:
+        other = start_group([sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        up = lambda: "up" in log.read_text().split() or other.poll() is not None  # noqa: E731
+        wait_until(up, "the other Ray instance", 120)
+        assert other.poll() is None, log.read_text()[-2000:]
+        yield other
+    finally:
+        stop_group(other)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_persistent_nan_stops_the_job_once_with_its_cause(tmp_path, tiny_shards):
+def test_a_persistent_nan_stops_the_job_once_with_its_cause(tmp_path, tiny_shards, another_ray_instance):
     overrides = tiny_overrides(tmp_path, tiny_shards, "diverges", "loss.box=.inf", "train.max_bad_steps=2")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     job = subprocess.run(

@@ -135,7 +135,7 @@ def iter_samples(
             return True
 
         raw_count = 0
-        for raw in _tar_samples(urls[shard], keep_going):
+        for raw in tar_samples(urls[shard], keep_going):
             raw_count += 1
             mine = k % part.stride == part.offset
             k += 1
@@ -153,7 +153,7 @@ def iter_samples(
             errors.add("shard_errors", f"{urls[shard]}: {failures[0]}")
 
 
-def _tar_samples(url: str, handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+def tar_samples(url: str, handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
     """The samples (dicts of member bytes) of the tar at ``url``, streamed. Local paths and object-store
     URLs are opened by ``pipeline.storage`` (webdataset's own opener knows no s3://); ``pipe:`` commands,
     refused unless allowed when the manifest was read, by webdataset."""

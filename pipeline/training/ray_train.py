@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import tempfile
 import threading
@@ -28,6 +29,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+from ray._private.ray_constants import GCS_PORT_ENVIRONMENT_VARIABLE  # no public name for it
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.torch.config import _TorchBackend
@@ -82,10 +84,33 @@ def ensure_ray(address: str | None) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or os.environ["RAY_ADDRESS"])
     else:
-        # set before ray.init so that the instance's processes (Tune trials too) inherit it
-        for name, value in LOCAL_RAY_TRAIN_ENV.items():
-            os.environ.setdefault(name, value)
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1")
+        start_local_ray(include_dashboard=True, dashboard_host="127.0.0.1")
+
+
+def start_local_ray(**init: Any) -> str:
+    """Start a local Ray instance on 127.0.0.1 (``init``: more ``ray.init`` arguments) whose processes know
+    its address; returns it.
+
+    Ray Train's helper actors ask Ray's state API about the run's controller without an address, and the
+    API then looks for the machine's Ray instance: with two local instances on one machine (two jobs, or a
+    job beside a test) it finds both and the helper's thread dies (``Found multiple active Ray instances``),
+    so a crashed run's placement group is never freed. The instance's GCS port is chosen here and
+    ``RAY_ADDRESS`` set before ``ray.init``, so every process of the instance inherits its own address;
+    ``address="local"`` keeps ``ray.init`` from connecting to it instead of starting it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    own = f"127.0.0.1:{port}"
+    # set before ray.init so that the instance's processes (Tune trials too) inherit them
+    for name, value in LOCAL_RAY_TRAIN_ENV.items():
+        os.environ.setdefault(name, value)
+    os.environ[GCS_PORT_ENVIRONMENT_VARIABLE] = str(port)
+    os.environ["RAY_ADDRESS"] = own  # stays: this process's own state-API calls need it too
+    try:
+        ray.init(address="local", _node_ip_address="127.0.0.1", **init)
+    finally:
+        del os.environ[GCS_PORT_ENVIRONMENT_VARIABLE]
+    return own
 
 
 # Ray Train 2.60 logs every `ray.train.report` of every rank at INFO with all its metrics ("Reporting
