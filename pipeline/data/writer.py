@@ -248,19 +248,27 @@ def write_shards(
         raise DataError(f"no valid sample for split {split!r} out of {seen} records: {dict(report.counts)}")
     if split == "val":
         write_json_atomic(coco_json_path(out_dir, split), truth.to_dict())
-    settings = {
-        "shard_size": shard_size,
-        "max_side": max_side,
-        "jpeg_quality": JPEG_QUALITY,
-        "key_digits": KEY_DIGITS,
-    }
+    settings = {"shard_size": shard_size, "max_side": max_side, "jpeg_quality": JPEG_QUALITY}
+    return _finish(out_dir, split, class_names, shards, source, settings, report)
+
+
+def _finish(
+    out_dir: Location,
+    split: str,
+    class_names: list[str],
+    shards: list[ShardInfo],
+    source: dict[str, Any] | None,
+    settings: dict[str, Any],
+    report: Report,
+) -> Manifest:
+    """Write the split's manifest, last and atomically: it is what marks the split complete."""
     manifest = Manifest(
         path=_resolved(manifest_path(out_dir, split)),
         split=split,
         class_names=list(class_names),
         shards=shards,
         source=dict(source or {}),
-        settings=settings,
+        settings={**settings, "key_digits": KEY_DIGITS},
     )
     write_manifest(manifest, report.to_dict())
     return manifest
