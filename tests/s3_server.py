@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
+import pytest
 
 from tests.conftest import free_port, start_group, stop_group, wait_until_serving
 
@@ -60,3 +63,20 @@ def start_s3_server(log: Path) -> S3Server:
         )
     wait_until_serving(port, process, log, timeout_s=60, path="/moto-api/")
     return S3Server(process, f"http://127.0.0.1:{port}")
+
+
+@contextmanager
+def s3_environment(folder: Path, bucket: str, mlflow_artifacts: bool = False) -> Iterator[S3Server]:
+    """A started server with ``bucket`` created and its AWS_* environment (with ``mlflow_artifacts``, MLflow's
+    S3 endpoint too) set in this process for the ``with`` block (set before a module's Ray instance starts,
+    its workers inherit it, as pods and VMs of a cluster get theirs); stopped at the end."""
+    server = start_s3_server(folder / "moto.log")
+    server.create_bucket(bucket)
+    extra = {"MLFLOW_S3_ENDPOINT_URL": server.endpoint} if mlflow_artifacts else {}
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            for name, value in {**server.env, **extra}.items():
+                env.setenv(name, value)
+            yield server
+    finally:
+        server.stop()

@@ -20,7 +20,7 @@ from pipeline.inference.model import resolve_model
 from pipeline.registry.file_detector import FileDetector
 from pipeline.registry.serving import encode_jpeg
 from tests.conftest import val_jpegs
-from tests.s3_server import S3Server, start_s3_server
+from tests.s3_server import S3Server, s3_environment
 from tests.test_coco_protocol import IMGSZ, write_checkpoint
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cost(90)]
@@ -34,15 +34,8 @@ BUCKET = "photos"
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory) -> S3Server:
     """The S3 server, its AWS_* environment set before the Ray instance starts (its workers inherit it)."""
-    server = start_s3_server(tmp_path_factory.mktemp("s3") / "moto.log")
-    server.create_bucket(BUCKET)
-    try:
-        with pytest.MonkeyPatch.context() as env:
-            for name, value in server.env.items():
-                env.setenv(name, value)
-            yield server
-    finally:
-        server.stop()
+    with s3_environment(tmp_path_factory.mktemp("s3"), BUCKET) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -18,22 +18,15 @@ from pipeline.storage import StorageError
 from pipeline.weights.pretrained import PretrainedError, sha256_of
 from pipeline.weights.sources import resolve_weights
 from tests.conftest import free_port
-from tests.s3_server import S3Server, start_s3_server
+from tests.s3_server import S3Server, s3_environment
 
 BUCKET = "shards"
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory) -> S3Server:
-    server = start_s3_server(tmp_path_factory.mktemp("s3") / "moto.log")
-    server.create_bucket(BUCKET)
-    try:
-        with pytest.MonkeyPatch.context() as env:
-            for name, value in server.env.items():
-                env.setenv(name, value)
-            yield server
-    finally:
-        server.stop()
+    with s3_environment(tmp_path_factory.mktemp("s3"), BUCKET) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from jobs import evaluate, make_shards, register
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import load_config
 from pipeline.training.job import run_training
-from tests.s3_server import S3Server, start_s3_server
+from tests.s3_server import S3Server, s3_environment
 from tests.test_train import epochs_logged, fail_once, tiny_overrides
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.mlflow, pytest.mark.cost(70)]
@@ -25,15 +25,8 @@ BUCKET = "team"
 def s3(tmp_path_factory) -> S3Server:
     """The S3 server and its AWS_* environment, set before the process's Ray instance starts (its workers
     inherit it, as pods and VMs of a cluster get theirs). This module runs in a process of its own."""
-    server = start_s3_server(tmp_path_factory.mktemp("s3") / "moto.log")
-    server.create_bucket(BUCKET)
-    try:
-        with pytest.MonkeyPatch.context() as env:
-            for name, value in {**server.env, "MLFLOW_S3_ENDPOINT_URL": server.endpoint}.items():
-                env.setenv(name, value)
-            yield server
-    finally:
-        server.stop()
+    with s3_environment(tmp_path_factory.mktemp("s3"), BUCKET, mlflow_artifacts=True) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
