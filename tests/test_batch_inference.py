@@ -5,6 +5,7 @@ raised class biases: many low-score detections on every image, as in tests/test_
 
 import io
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -162,7 +163,8 @@ def test_a_list_file_and_a_shard_manifest_are_sources_too(
 ):
     model = resolve_model(str(model_dir), "sqlite:///unused.db", IMGSZ)
     listed = sorted(str(p) for p in photos.glob("*.jpg") if p.name not in ("empty.jpg", "huge.jpg"))
-    (tmp_path / "list.txt").write_text("\n".join(listed) + "\n")
+    # relative to the list's folder, wherever the job runs
+    (tmp_path / "list.txt").write_text("\n".join(os.path.relpath(p, tmp_path) for p in listed) + "\n")
     from_list = run_batch_inference(str(tmp_path / "list.txt"), str(tmp_path / "a"), model, options())
     assert from_list.images == len(listed) and from_list.bad_files == 0
     from_shards = run_batch_inference(

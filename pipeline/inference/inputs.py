@@ -30,7 +30,9 @@ def read_inputs(source: str) -> ray.data.Dataset:
         return ray.data.from_items([{"url": u} for u in urls]).flat_map(_shard_rows)
     if str(source).endswith(LIST_SUFFIX) and storage.is_file(location):
         lines = storage.read_bytes(location).decode().splitlines()
-        paths = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        named = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        # a relative path is relative to the list file's folder (as YOLO's lists are to their root)
+        paths = [p if storage.is_url(p) else str(storage.locate(storage.parent(location), p)) for p in named]
         if not paths:
             raise DataError(f"the list file {source} names no images")
         return _binary_files(paths)
