@@ -29,6 +29,7 @@ from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline.checkpoint import FILENAME, TrainingCheckpoint, save_checkpoint
+from pipeline.config import Config
 from pipeline.training.ray_train import ensure_ray
 from yolov9 import build_model
 
@@ -42,7 +43,7 @@ def synthetic_checkpoint(model_name: str) -> TrainingCheckpoint:
         ema={"model": {k: v.clone() for k, v in weights.items()}, "updates": 0},
         epoch=1,
         step=1,
-        config={},
+        config=Config(),
         best_map=0.0,
         model_name=model_name,
         num_classes=80,

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import torch
 
 from pipeline import storage
+from pipeline.config import Config, ConfigError, config_from_dict
 from pipeline.errors import PipelineError
 from pipeline.storage import Location
 from yolov9 import DetectionModel, build_model
@@ -20,6 +21,10 @@ from yolov9 import DetectionModel, build_model
 FORMAT = "yolov9-ray/training-checkpoint"
 VERSION = 1
 FILENAME = "checkpoint.pt"
+# What evaluation and registration read from the recorded config. Training records every key; a config
+# lacking one of these is not a training run's, and a default standing in for it would be a wrong answer
+# (another image size, another data root), so such a file is refused rather than completed.
+RECORDED_CONFIG = (("train", "imgsz"), ("data", "root"), ("loss", "tal_topk"))
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,14 +39,15 @@ class TrainingCheckpoint:
     """What a training run saves after an epoch: enough to resume it exactly, and what evaluation and
     registration read. Tensors and plain data only, so ``torch.load(weights_only=True)`` reads it.
 
-    On disk it is the dict of :meth:`to_state_dict` (these fields plus ``format`` and ``version``).
+    On disk it is the dict of :meth:`to_state_dict` (these fields plus ``format`` and ``version``, the
+    config as plain data); in memory the config is the typed :class:`~pipeline.config.Config`.
     """
 
     model: dict[str, torch.Tensor]  # the trained (not averaged) weights
     ema: dict[str, Any]  # {"model": EMA state dict, "updates": EMA updates so far}
     epoch: int  # epochs completed
     step: int  # micro-batch steps completed (the LR schedule's clock)
-    config: dict[str, Any]  # the run's Config.to_dict()
+    config: Config  # the run's
     best_map: float  # best val mAP@0.5:0.95 so far
     model_name: str
     num_classes: int
@@ -54,7 +60,8 @@ class TrainingCheckpoint:
     metrics: dict[str, float] = field(default_factory=dict)  # this epoch's
 
     def to_state_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": VERSION, **{f.name: getattr(self, f.name) for f in fields(self)}}
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {"format": FORMAT, "version": VERSION, **state, "config": self.config.to_dict()}
 
     @classmethod
     def from_state_dict(cls, state: Any, where: str | Path = "checkpoint") -> TrainingCheckpoint:
@@ -69,13 +76,21 @@ class TrainingCheckpoint:
         required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
         missing = sorted(required - set(state))
         unknown = sorted(set(state) - names - {"format", "version"})
+        recorded = state.get("config")
+        if not isinstance(recorded, dict):
+            recorded = {}
+        missing += [f"config.{s}.{k}" for s, k in RECORDED_CONFIG if k not in (recorded.get(s) or {})]
         if missing or unknown:
             raise CheckpointError(f"{where} lacks {missing} / has unknown keys {unknown}")
-        return cls(**{k: v for k, v in state.items() if k in names})
+        try:
+            config = config_from_dict(recorded, f"{where}: its training config")
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from e
+        return cls(**{k: v for k, v in state.items() if k in names} | {"config": config})
 
     def train_image_size(self) -> int:
         """The image side (pixels) the run trained and validated at."""
-        return int(self.config["train"]["imgsz"])
+        return self.config.train.imgsz
 
 
 def save_checkpoint(directory: str | Path, checkpoint: TrainingCheckpoint) -> Path:

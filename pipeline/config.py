@@ -100,16 +100,10 @@ class TrainConfig:
     pgi_diagnostics_every: int = 0
 
 
-def nms_settings(train: TrainConfig | dict[str, Any]) -> dict[str, Any]:
-    """The validation NMS settings (``conf_thres``, ``iou_thres``, ``max_det`` of the evaluators) of a
-    ``train`` section: a TrainConfig, or the dict a checkpoint recorded (a missing key: the default here)."""
-    values = dataclasses.asdict(train) if isinstance(train, TrainConfig) else train
-    defaults = TrainConfig()
-    return {
-        "conf_thres": float(values.get("val_conf", defaults.val_conf)),
-        "iou_thres": float(values.get("val_iou", defaults.val_iou)),
-        "max_det": int(values.get("val_max_det", defaults.val_max_det)),
-    }
+def nms_settings(train: TrainConfig) -> dict[str, Any]:
+    """The validation NMS settings of a ``train`` section as the evaluators' keywords (``conf_thres``,
+    ``iou_thres``, ``max_det``)."""
+    return {"conf_thres": train.val_conf, "iou_thres": train.val_iou, "max_det": train.val_max_det}
 
 
 @dataclass

@@ -171,7 +171,7 @@ def wait_until_serving(
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` on 127.0.0.1 (sqlite store, served artifacts) a test may stop and restart."""
-    from tests.test_faults import MlflowServer
+    from tests.training.test_faults import MlflowServer
 
     server = MlflowServer(tmp_path)
     server.start()

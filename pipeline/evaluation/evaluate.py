@@ -187,7 +187,7 @@ def checkpoint_evaluation(
         loader,
         coco_json_path(data_root, "val"),
         torch.device(device),
-        **nms_settings(state.config.get("train", {})),
+        **nms_settings(state.config.train),
     )
 
 

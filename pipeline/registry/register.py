@@ -110,14 +110,14 @@ def version_tags(
     imgsz: int,
 ) -> dict[str, str]:
     """The facts a version registered from a training checkpoint carries."""
-    loss = state.config.get("loss", {})
+    loss = state.config.loss
     class_names = list(state.class_names)
     return {
         **model_tags(pruned, verification, imgsz, state.model_name, class_names, state.val_manifest_hash),
         names.MANIFEST_HASH_TAG: state.manifest_hash,
-        "loss.aux_weight": str(loss.get("aux_weight", "")),
-        "loss.lead_weight": str(loss.get("lead_weight", "")),
-        "loss.tal_topk": str(loss.get("tal_topk", "")),
+        "loss.aux_weight": str(loss.aux_weight),
+        "loss.lead_weight": str(loss.lead_weight),
+        "loss.tal_topk": str(loss.tal_topk),
         "source_run_id": source.run_id or "",
         names.RAY_JOB_TAG: source.ray_job_id or "",
         names.SOURCE_CHECKPOINT_TAG: str(source.checkpoint),

@@ -13,7 +13,7 @@ import torch
 
 from pipeline import names, storage
 from pipeline.checkpoint import TrainingCheckpoint
-from pipeline.config import nms_settings
+from pipeline.config import TrainConfig, nms_settings
 from pipeline.data import DataError, Manifest, read_manifest
 from pipeline.data.loader import make_val_loader
 from pipeline.data.manifest import coco_json_path, manifest_path
@@ -51,13 +51,8 @@ class Verification:
 
 def check_registrable(state: TrainingCheckpoint, where: str | Path) -> None:
     """Raise RegistrationError naming what is missing when a loadable checkpoint lacks what registration reads
-    (class names, history, the training config's image size, data root and loss settings)."""
+    (class names, history); its training config was checked when it loaded."""
     missing = [k for k in ("class_names", "history") if not getattr(state, k)]
-    missing += [
-        f"config.{s}.{k}"
-        for s, k in (("train", "imgsz"), ("data", "root"), ("loss", "tal_topk"))
-        if k not in (state.config.get(s) or {})
-    ]
     if missing:
         raise RegistrationError(f"{where} lacks {missing}: not a checkpoint of this project's training")
 
@@ -117,7 +112,7 @@ def verify_map(measured: float, recorded: float, tolerance: float = MAP_TOLERANC
 def val_setup(state: TrainingCheckpoint, data_root: Location | None) -> tuple[Manifest, Location, int]:
     """The val manifest the checkpoint was validated on, its root (a local Path or a URL), and the training
     image size (pixels)."""
-    root = storage.locate(data_root or state.config["data"]["root"])
+    root = storage.locate(data_root or state.config.data.root)
     manifest = read_val_manifest(root)
     expected = state.val_manifest_hash
     if expected and manifest.manifest_hash != expected:
@@ -143,7 +138,7 @@ def first_val_images(state: TrainingCheckpoint, data_root: str | Path | None, co
 
 def validated_on(state: TrainingCheckpoint) -> str:
     """The kind of device the checkpoint's recorded mAP was measured on: its training's (``ray.use_gpu``)."""
-    return "cuda" if (state.config.get("ray") or {}).get("use_gpu") else "cpu"
+    return "cuda" if state.config.ray.use_gpu else "cpu"
 
 
 def verify_checkpoint(
@@ -175,7 +170,7 @@ def verify_checkpoint(
             loader,
             coco_json_path(root, "val"),
             device,
-            **nms_settings(state.config["train"]),
+            **nms_settings(state.config.train),
         )
 
     scores = val_map(pruned)
@@ -226,7 +221,8 @@ def verify_reference(
     )
     images = next(iter(loader))[0][:8].contiguous()
     relative = verify_outputs(model, pruned, images.float() / 255)
-    scores = evaluate_distributed(pruned, loader, coco_json_path(root, "val"), CPU, **nms_settings({}))
+    defaults = nms_settings(TrainConfig())
+    scores = evaluate_distributed(pruned, loader, coco_json_path(root, "val"), CPU, **defaults)
     verification = Verification(
         output_max_rel_diff=relative,
         map50_95=float(scores["map50_95"]),

@@ -9,7 +9,7 @@ What a long run meets: a diverged model (``train.max_bad_steps`` skipped steps i
 with its cause (every worker reports it and returns, so Ray does not restart into the same divergence);
 SIGTERM to a worker checkpoints mid-epoch (``pipeline.training.preemption``) before the worker fails, so
 a restart or a rerun goes on from that step; an MLflow server that is away delays the metrics, never the
-training (``MlflowEpochLogger``).
+training (``pipeline.training.run_callbacks``).
 """
 
 from __future__ import annotations
@@ -17,10 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +46,11 @@ from pipeline.training import (
     TrainingDiverged,
     TrainState,
     build_train_state,
-    epoch_summary,
     train,
 )
-from pipeline.training.artifacts import CURVES_PNG, write_epoch_artifacts
+from pipeline.training.artifacts import write_epoch_artifacts
 from pipeline.training.preemption import install_sigterm_handler, training
-from pipeline.training.progress import eta_s
+from pipeline.training.run_callbacks import EpochPrinter, MlflowEpochLogger
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +112,7 @@ def start_local_ray(**init: Any) -> str:
 # Ray Train 2.60 logs every `ray.train.report` of every rank at INFO with all its metrics ("Reporting
 # training result ..."): twice an epoch, and more than the rest of a job's log. It has no option for it; the
 # logger is named by its module's file path, so its level is set by that name (a Ray that moves the module
-# logs the lines again; tests/test_job_submit.py notices).
+# logs the lines again; tests/jobs/test_job_submit.py notices).
 RAY_REPORT_LOGGER = str(Path(ray.train.__file__).parent / "v2" / "_internal" / "execution" / "context.py")
 
 
@@ -242,11 +238,6 @@ def report_stop(state: TrainState) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def is_epoch_report(metrics: list[dict[str, Any]]) -> bool:
-    """Whether a report is a finished epoch (not a stop or a mid-epoch checkpoint)."""
-    return bool(metrics) and names.EPOCH in metrics[0] and names.PREEMPTED not in metrics[0]
-
-
 class PreemptibleTorchConfig(TorchConfig):
     """Ray's torch set-up, plus SIGTERM as a stop request on every worker. Python installs signal handlers
     from a process's main thread only; the train function runs in another thread, but a worker's actor
@@ -261,119 +252,6 @@ class _PreemptibleTorchBackend(_TorchBackend):
     def on_training_start(self, worker_group: Any, backend_config: TorchConfig) -> None:
         super().on_training_start(worker_group, backend_config)
         worker_group.execute(install_sigterm_handler)
-
-
-class EpochPrinter(ray.train.UserCallback):
-    """One line per reported epoch (epoch, losses, mAP, images/s, ETA) in the job's log."""
-
-    def __init__(self, epochs: int) -> None:
-        self.epochs = epochs
-        self.started = time.time()  # wall clock: the callback runs in the controller process
-        self.first_epoch: int | None = None
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if not is_epoch_report(metrics):
-            return
-        m = metrics[0]
-        epoch = int(m[names.EPOCH])
-        if self.first_epoch is None:
-            self.first_epoch = epoch - 1
-        done = epoch - self.first_epoch
-        eta = eta_s(time.time() - self.started, done, done + self.epochs - epoch)
-        _controller_log().info(epoch_summary(m, self.epochs, eta))
-
-
-def _controller_log() -> logging.Logger:
-    """This module's logger in Ray Train's controller process, where Ray configures only ``ray.train``'s
-    loggers: without a handler of its own, INFO lines would go nowhere (the workers' root logger has one)."""
-    log = logging.getLogger(__name__)
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-    return log
-
-
-class MlflowEpochLogger(ray.train.UserCallback):
-    """Sends rank 0's metrics of each persisted epoch report (step = epoch) and the pictures beside its
-    checkpoint to an MLflow run, from the controller, without ever holding up or failing the run: records
-    queue in a TrackingOutbox that a thread of this callback sends, retrying with backoff while the server
-    is away. What is still queued when the run ends is not lost: the job sends every epoch missing from
-    the run from the final checkpoint's history (``pipeline.training.job``).
-
-    mlflow is imported at the first report, not with this module: Ray Train unpickles the run's callbacks
-    in every worker too, where importing mlflow would add seconds to each worker's start.
-
-    ``drain_s``: how long a report waits for its records to be sent (0: not at all). A Tune trial needs it:
-    the scheduler may stop the trial as soon as it sees the report, killing this callback's thread with the
-    epoch still queued (seen: an ASHA-stopped trial's run without metrics).
-    """
-
-    def __init__(self, tracking_uri: str, run_id: str, drain_s: float = 0.0) -> None:
-        self.tracking_uri, self.run_id, self.drain_s = tracking_uri, run_id, drain_s
-        self._outbox: Any = None
-        self._wake, self._drained = threading.Event(), threading.Event()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "drain_s": self.drain_s}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["tracking_uri"], state["run_id"], state["drain_s"])
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        try:
-            if is_epoch_report(metrics):
-                self._drained.clear()
-                self._queue(metrics[0], checkpoint)
-                if self.drain_s > 0 and not self._drained.wait(self.drain_s):
-                    _controller_log().warning(
-                        "MLflow: epoch not sent within %.0f s, still queued", self.drain_s
-                    )
-        except Exception as e:  # noqa: BLE001 -- a callback error would be a controller error
-            _controller_log().warning("MLflow logging of this epoch failed: %s", e)
-
-    def _queue(self, metrics: dict[str, Any], checkpoint: ray.train.Checkpoint | None) -> None:
-        from pipeline.tracking import TrackingOutbox, artifact_record, epoch_record
-
-        records = [epoch_record(self.run_id, metrics)]
-        if checkpoint is not None:
-            with checkpoint.as_directory() as d:
-                pictures = [Path(d) / CURVES_PNG, Path(d) / names.PREDICTIONS_PNG, Path(d) / names.PGI_PNG]
-                records += [artifact_record(self.run_id, p) for p in pictures if p.is_file()]
-        if self._outbox is None:
-            self._outbox = TrackingOutbox(self.tracking_uri)
-            threading.Thread(target=self._send_forever, name="mlflow-outbox", daemon=True).start()
-        self._outbox.add(*records)
-        self._wake.set()
-
-    def _send_forever(self) -> None:
-        """Send what the callback queues; an outage is told twice, when it starts and when it ends."""
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            if not self._outbox.send(patience_s=0):
-                self._wait_out_outage()
-            if len(self._outbox) == 0:
-                self._drained.set()
-
-    def _wait_out_outage(self) -> None:
-        """Retry until the server answers: at once when the next epoch is queued (so that a server that came
-        back is noticed while the run still goes on), else after 1, 2, 4 ... up to ``max_wait_s`` seconds."""
-        away, pause = time.monotonic(), 1.0
-        _controller_log().warning(
-            "MLflow %s unreachable (%s): training goes on, %d records queued, retried each epoch or sooner",
-            self.tracking_uri, self._outbox.last_error, len(self._outbox),
-        )  # fmt: skip
-        while not self._outbox.send(patience_s=0):
-            self._wake.wait(timeout=pause)
-            self._wake.clear()
-            pause = min(pause * 2, self._outbox.max_wait_s)
-        _controller_log().info(
-            "MLflow %s answers again after %.0f s: the queued records are sent",
-            self.tracking_uri, time.monotonic() - away,
-        )  # fmt: skip
 
 
 def fit(

@@ -96,7 +96,7 @@ class TrainState:
             scaler=self.scaler.state_dict(),
             epoch=self.epoch,
             step=self.step,
-            config=self.cfg.to_dict(),
+            config=self.cfg,
             best_map=self.best_map,
             model_name=self.cfg.model.name,
             num_classes=self.num_classes,

@@ -1,7 +1,8 @@
 """Batch inference with Ray Data (`python -m jobs.predict --batch`): the answers of the single-image path,
 bad files listed and not fatal, a rerun that skips what is written, and every path in a bucket of a real S3
-server (moto, 127.0.0.1). One local Ray instance; the model is a reference-format file (random weights with
-raised class biases: many low-score detections on every image, as in tests/test_coco_protocol.py)."""
+server (moto, 127.0.0.1). One local Ray instance; the model is a reference-format file (random weights
+with raised class biases: many low-score detections on every image, as in
+tests/evaluation/test_coco_protocol.py)."""
 
 import io
 import json
@@ -21,8 +22,8 @@ from pipeline.inference.model import resolve_model
 from pipeline.registry.file_detector import FileDetector
 from pipeline.registry.serving import encode_jpeg
 from tests.conftest import val_jpegs
+from tests.evaluation.test_coco_protocol import IMGSZ, write_checkpoint
 from tests.s3_server import S3Server, s3_environment
-from tests.test_coco_protocol import IMGSZ, write_checkpoint
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cost(90)]
 

@@ -23,7 +23,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.search.tune import run_search
 from tests.conftest import free_port, start_group, stop_group
-from tests.test_tune import small_search
+from tests.search.test_tune import small_search
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_process, pytest.mark.cost(45)]
 

@@ -151,7 +151,7 @@ def write_checkpoint(directory: Path, class_names: list[str]) -> Path:
         ema={"model": model.state_dict(), "updates": 1},
         epoch=1,
         step=1,
-        config=cfg.to_dict(),
+        config=cfg,
         best_map=0.0,
         model_name="yolov9-t",
         num_classes=len(class_names),

@@ -17,7 +17,7 @@ from pipeline.training import TrainingData, build_train_state, train_one_epoch
 from pipeline.weights.pretrained import PretrainedError, load_source, transfer
 from yolov9 import build_model
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "reference-checkpoints"
+FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "reference-checkpoints"
 CPU = torch.device("cpu")
 
 
@@ -110,7 +110,7 @@ def small_checkpoint(model_weights: dict, ema_weights: dict) -> TrainingCheckpoi
         ema={"model": ema_weights, "updates": 1},
         epoch=1,
         step=1,
-        config=Config().to_dict(),
+        config=Config(),
         best_map=0.0,
         model_name="gelan-t",
         num_classes=3,

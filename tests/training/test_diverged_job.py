@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from tests.conftest import start_group, stop_group
-from tests.test_train import tiny_overrides
+from tests.training.test_train import tiny_overrides
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.cost(25), pytest.mark.own_process]

@@ -19,7 +19,7 @@ from tests.waiting import accepts_connections, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cost(55), pytest.mark.own_process]
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
 
 

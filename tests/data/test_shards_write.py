@@ -21,7 +21,7 @@ from pipeline.data.readers import Record, read_coco
 from pipeline.data.synthetic import SYNTHETIC_CLASSES, synthetic_records, write_synthetic_dataset
 from pipeline.data.writer import write_shards
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["cat", "dog"]
 
 

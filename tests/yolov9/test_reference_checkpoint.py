@@ -26,7 +26,7 @@ from yolov9.model import CONFIG_DIR
 from yolov9.reference import ReferenceLayoutError
 from yolov9.safe_unpickle import CheckpointFormatError, UnsafeCheckpointError, load_inert
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "reference-checkpoints"
+FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "reference-checkpoints"
 REFERENCE_FILES = {"yolov9-t.pt": ("yolov9-t", 80), "gelan-t-nc3.pt": ("gelan-t", 3)}
 
 # The reference's classes, by module; every other module in its models is a torch.nn one.

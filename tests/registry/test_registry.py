@@ -30,7 +30,7 @@ from pipeline.tracking import experiment_id
 from tests.conftest import free_port, start_group, stop_group, val_jpegs, wait_until_serving
 from yolov9 import build_model, prune
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 IMGSZ = 128
 
 
@@ -62,7 +62,7 @@ def write_checkpoint(directory: Path, data_root: Path, seed: int = 0) -> Path:
         ema={"model": model.state_dict(), "updates": 10},
         epoch=1,
         step=10,
-        config=cfg.to_dict(),
+        config=cfg,
         best_map=0.0,
         model_name="yolov9-t",
         num_classes=4,
@@ -157,7 +157,7 @@ def bare_checkpoint(**fields) -> TrainingCheckpoint:
         "ema": {"model": model.state_dict(), "updates": 1},
         "epoch": 1,
         "step": 1,
-        "config": {"train": {"epochs": 5}},
+        "config": Config(),
         "best_map": 0.0,
         "model_name": "yolov9-t",
         "num_classes": 4,
@@ -230,9 +230,18 @@ def test_foreign_checkpoint_is_refused_and_nothing_registered(store, tmp_path):
     assert _registered_models(store) == []
 
 
-def test_checkpoint_without_training_config_is_refused_and_nothing_registered(store, tmp_path):
+def test_checkpoint_without_class_names_or_history_is_refused_and_nothing_registered(store, tmp_path):
     save_checkpoint(tmp_path, bare_checkpoint())
-    with pytest.raises(RegistrationError, match="lacks \\['class_names', 'history', 'config.train.imgsz'"):
+    with pytest.raises(RegistrationError, match="lacks \\['class_names', 'history'\\]"):
+        register(tmp_path, "det", store)
+    assert _registered_models(store) == []
+
+
+def test_checkpoint_without_training_config_is_refused_and_nothing_registered(store, tmp_path):
+    recorded = {**bare_checkpoint().to_state_dict(), "config": {"train": {"epochs": 5}}}
+    torch.save(recorded, tmp_path / "checkpoint.pt")
+    missing = "\\['config.train.imgsz', 'config.data.root', 'config.loss.tal_topk'\\]"
+    with pytest.raises(RegistrationError, match=missing):
         register(tmp_path, "det", store)
     assert _registered_models(store) == []
 
@@ -279,7 +288,7 @@ def test_first_registration_is_promoted_with_training_tags(registry, checkpoint)
     assert version.tags["dataset.val_manifest_hash"] == state.val_manifest_hash
     assert version.tags["dataset.manifest_hash"] == state.manifest_hash
     assert json.loads(version.tags["class_names"]) == state.class_names
-    assert version.tags["loss.tal_topk"] == str(state.config["loss"]["tal_topk"])
+    assert version.tags["loss.tal_topk"] == str(state.config.loss.tal_topk)
     assert version.tags["ray.job_id"] == "03000000" and version.tags["imgsz"] == str(IMGSZ)
     assert float(version.tags["map50_95"]) == pytest.approx(state.metrics["val/map50_95"], abs=1e-3)
 

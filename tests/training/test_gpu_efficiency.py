@@ -25,7 +25,7 @@ from yolov9.loss import DualDetectionLoss, HeadInfo, _dfl
 pytestmark = [pytest.mark.cost(55), pytest.mark.own_process]
 
 CPU = torch.device("cpu")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def config(shards, *extra: str):

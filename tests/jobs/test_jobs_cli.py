@@ -10,7 +10,7 @@ import pytest
 from jobs.cli import USER_ERROR_EXIT
 from tests.conftest import free_port
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def job(*args: str, cwd: Path) -> subprocess.CompletedProcess:

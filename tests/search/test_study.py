@@ -15,7 +15,7 @@ from pipeline.search.tune import run_search
 
 pytestmark = [pytest.mark.cost(100), pytest.mark.process_group("searches")]
 
-STUDY = Path(__file__).parents[1] / "jobs" / "configs" / "study-pgi.yaml"
+STUDY = Path(__file__).parents[2] / "jobs" / "configs" / "study-pgi.yaml"
 ARMS = ["reference", "swapped", "equal", "lead-guided", "no-aux", "gelan"]
 # the arms the end-to-end run trains: each one checked there for what it sets (the others' settings are
 # checked by the first test, and they train a step in test_engine); three trials where six would add three

@@ -169,7 +169,7 @@ def train(tmp_path, shards, address, env, uri, name, steps) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "jobs.train", *overrides],
         env=env,
-        cwd=Path(__file__).parents[1],
+        cwd=Path(__file__).parents[2],
         stdout=open(tmp_path / f"{name}.log", "w"),
         stderr=subprocess.STDOUT,
         text=True,

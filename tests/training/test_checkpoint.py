@@ -10,6 +10,7 @@ import ray.train
 import torch
 
 from pipeline.checkpoint import CheckpointError, TrainingCheckpoint, load_checkpoint, save_checkpoint
+from pipeline.config import Config
 from pipeline.training.ray_train import resume_checkpoint, run_checkpoints
 from yolov9 import build_model
 
@@ -21,7 +22,7 @@ def minimal_state() -> TrainingCheckpoint:
         ema={"model": model.state_dict(), "updates": 3},
         epoch=2,
         step=40,
-        config={"train": {"epochs": 5}},
+        config=Config(),
         best_map=0.25,
         model_name="gelan-t",
         num_classes=2,
@@ -99,6 +100,23 @@ def test_a_checkpoint_round_trips_every_field(tmp_path):
 def test_a_checkpoint_of_another_version_is_refused(tmp_path):
     torch.save({**minimal_state().to_state_dict(), "version": 99}, tmp_path / "checkpoint.pt")
     with pytest.raises(CheckpointError, match="version 99, expected 1"):
+        load_checkpoint(tmp_path)
+
+
+def test_the_config_is_written_as_plain_data_and_read_back_typed(tmp_path):
+    state = minimal_state()
+    state.config.train.imgsz = 320
+    path = save_checkpoint(tmp_path, state)
+    assert torch.load(path, weights_only=True)["config"]["train"]["imgsz"] == 320
+    loaded = load_checkpoint(path)
+    assert loaded.config == state.config and loaded.train_image_size() == 320
+
+
+def test_a_recorded_config_with_a_value_no_run_could_use_is_refused_naming_the_file(tmp_path):
+    state = minimal_state().to_state_dict()
+    state["config"]["train"]["imgsz"] = 100
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="checkpoint.pt: its training config.*train.imgsz"):
         load_checkpoint(tmp_path)
 
 

@@ -19,8 +19,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.training.job import run_training
 from tests import waiting
-from tests.test_faults import healthy, steps_of
-from tests.test_train import tiny_config
+from tests.training.test_faults import healthy, steps_of
+from tests.training.test_train import tiny_config
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.cost(60)

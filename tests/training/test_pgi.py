@@ -11,7 +11,7 @@ from torch import nn
 
 from pipeline.training import TrainingData, build_train_state, run_epoch
 from pipeline.training.pgi_diagnostics import gradient_stats, pgi_diagnostics, plot_pgi
-from tests.test_engine import config as engine_config
+from tests.training.test_engine import config as engine_config
 
 CPU = torch.device("cpu")
 T_STAGES = ["backbone_p1", "backbone_p2", "backbone_p3", "backbone_p4", "backbone_p5", "neck_p3", "neck_p4",

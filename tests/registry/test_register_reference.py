@@ -23,7 +23,7 @@ from tests.conftest import val_jpegs
 
 pytestmark = pytest.mark.slow
 REFERENCE = (
-    Path(__file__).resolve().parents[1].parent
+    Path(__file__).resolve().parents[2].parent
     / "shared"
     / "fixtures"
     / "reference-checkpoints"

@@ -7,14 +7,14 @@ over ``accumulation_steps`` micro-batches, SGD built with the weight decay scale
 head maps shared by copies of one image, so that every image's gradient is the same and the weights'
 change divided by the images of the step is the per-image update. A step of ``workers`` x ``batch`` images
 is computed in this one process: the loss makes that equal to what DDP over the workers computes
-(``tests/test_loss.py::test_two_workers_with_half_the_batch_give_the_one_worker_gradient``).
+(``tests/yolov9/test_loss.py::test_two_workers_with_half_the_batch_give_the_one_worker_gradient``).
 """
 
 import torch
 from torch import nn
 
 from pipeline.training.optimizer import accumulation_steps, build_sgd, linear_scale
-from tests.test_loss import INFO, random_maps
+from tests.yolov9.test_loss import INFO, random_maps
 from yolov9.loss import DualDetectionLoss
 
 NOMINAL = 4

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.cost(45)
 
 # canonical: resolved sources are compared with it (../shared may be a symlink)
 FIXTURES = (
-    Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "reference-checkpoints"
+    Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "reference-checkpoints"
 ).resolve()
 
 

@@ -28,8 +28,8 @@ from pipeline.training import TrainingData, TrainingDiverged, build_train_state,
 from pipeline.training.ema import unwrap
 from pipeline.training.job import run_training
 from tests.conftest import free_port, start_group, stop_group
-from tests.test_engine import batches, config
-from tests.test_train import tiny_config
+from tests.training.test_engine import batches, config
+from tests.training.test_train import tiny_config
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.cost(90)
@@ -264,8 +264,8 @@ def camera_photo(orientation: int | None) -> bytes:
 def test_a_photo_with_exif_that_needs_no_turn_keeps_its_bytes(orientation):
     import numpy as np
 
+    from pipeline.data.encode import encode_record
     from pipeline.data.readers import Record
-    from pipeline.data.writer import encode_record
 
     photo = camera_photo(orientation)
     assert b"Exif\x00\x00" in photo
@@ -280,8 +280,8 @@ def test_a_photo_with_exif_that_needs_no_turn_keeps_its_bytes(orientation):
 def test_a_photo_with_exif_shrunk_to_max_side_is_reported_resized_not_kept():
     import numpy as np
 
+    from pipeline.data.encode import encode_record
     from pipeline.data.readers import Record
-    from pipeline.data.writer import encode_record
 
     record = Record(
         "cam", "cam.jpg", np.array([[2, 2, 20, 10]], np.float32), np.array([0]), image_bytes=camera_photo(1)
@@ -301,8 +301,8 @@ def test_a_box_drawn_on_the_displayed_photo_lands_on_the_same_pixels_in_the_shar
     import cv2
     import numpy as np
 
+    from pipeline.data.encode import encode_record
     from pipeline.data.readers import Record
-    from pipeline.data.writer import encode_record
 
     box = np.array([[24, 0, 32, 16]], np.float32)  # the white block, as a person saw it
     record = Record("phone", "phone.jpg", box, np.array([0]), image_bytes=phone_photo())

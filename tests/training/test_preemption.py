@@ -18,7 +18,7 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.training.job import run_training
 from pipeline.training.preemption import stop_requested
 from tests import waiting
-from tests.test_train import tiny_config
+from tests.training.test_train import tiny_config
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.cost(40)

@@ -10,7 +10,7 @@ import torch
 from pipeline.checkpoint import ema_model, load_checkpoint
 from pipeline.registry.on_ray import task_resources
 from pipeline.registry.verify import first_val_images, verify_checkpoint
-from tests.test_registry import write_checkpoint
+from tests.registry.test_registry import write_checkpoint
 from yolov9 import prune
 
 
@@ -21,8 +21,8 @@ def test_a_checkpoint_validated_on_a_gpu_is_checked_against_the_unpruned_model_r
     state = load_checkpoint(write_checkpoint(tmp_path / "checkpoint", tiny_shards))
     gpu_figure = state.metrics["val/map50_95"] + 0.05  # not what this CPU measures
     metrics = {**state.metrics, "val/map50_95": gpu_figure}
-    config = {**state.config, "ray": {**state.config["ray"], "use_gpu": True}}
-    state = replace(state, config=config, history=[metrics], metrics=metrics)
+    state.config.ray.use_gpu = True
+    state = replace(state, history=[metrics], metrics=metrics)
     dual = ema_model(state)
     pruned = prune(dual)
 

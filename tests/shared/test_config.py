@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.config import Config, ConfigError, config_from_dict, load_config
 
-CONFIGS = Path(__file__).parents[1] / "jobs" / "configs"
+CONFIGS = Path(__file__).parents[2] / "jobs" / "configs"
 
 
 def write(tmp_path: Path, text: str) -> Path:
