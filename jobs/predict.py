@@ -11,7 +11,8 @@ executing it) or a checkpoint of this project (its EMA weights), pruned as regis
 
 Writes ``DIR/<image name>`` (boxes drawn) for every image and ``DIR/detections.json``:
 ``{"<image name>": {"boxes": [[x1, y1, x2, y2], ...], "scores": [...], "classes": [...],
-"class_names": [...]}}`` with boxes in the pixels of the source image.
+"class_names": [...]}}`` with boxes in the pixels of the source image. A file that does not decode as an
+image is skipped, named and counted in the summary line; none decoding is an error.
 
 With ``--batch`` (implied when the source or the output is a URL, or the source is a list file or a shard
 manifest) the job runs on the attached Ray cluster (``--address`` or ``RAY_ADDRESS``, else a local
@@ -24,62 +25,16 @@ import argparse
 import json
 from pathlib import Path
 
-import cv2
 import mlflow.pyfunc
-import numpy as np
-import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from jobs.cli import run
 from pipeline import storage
 from pipeline.data import DataError
+from pipeline.inference.folder import list_images, predict_files
 from pipeline.inference.inputs import LIST_SUFFIX, MANIFEST_SUFFIX
-from pipeline.plots import draw_boxes
 from pipeline.registry.file_detector import FileDetector
 from pipeline.tracking import TrackingError, resolve_tracking_uri
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-BATCH = 8
-
-
-def list_images(source: str | Path) -> list[Path]:
-    """The image files of ``source`` (one file, or a directory's images sorted by name)."""
-    source = Path(source)
-    if source.is_file():
-        return [source]
-    if not source.is_dir():
-        raise DataError(f"--source {source} is neither an image file nor a directory")
-    images = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise DataError(f"{source} holds no {'/'.join(IMAGE_SUFFIXES)} images")
-    return images
-
-
-def predict_files(
-    model: mlflow.pyfunc.PyFuncModel | FileDetector,
-    images: list[Path],
-    out: Path,
-    conf: float,
-    iou: float,
-    max_det: int,
-) -> dict[str, dict]:
-    """Run ``model`` on the image files in batches; write drawn copies into ``out``; return the detections
-    by file name."""
-    out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict] = {}
-    for start in range(0, len(images), BATCH):
-        chunk = images[start : start + BATCH]
-        frame = pd.DataFrame({"image": [p.read_bytes() for p in chunk]})
-        predictions = model.predict(frame, params={"conf": conf, "iou": iou, "max_det": max_det})
-        for path, row in zip(chunk, predictions.to_dict("records"), strict=True):
-            det = {k: list(row[k]) for k in ("boxes", "scores", "classes", "class_names")}
-            results[path.name] = det
-            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-            boxes = np.asarray(det["boxes"], dtype=np.float32).reshape(-1, 4)
-            labels = [f"{n} {s:.2f}" for n, s in zip(det["class_names"], det["scores"], strict=True)]
-            drawn = draw_boxes(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), boxes, labels, (220, 0, 0))
-            cv2.imwrite(str(out / path.name), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
-    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,10 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         except MlflowException as e:
             raise TrackingError(f"cannot load --model {args.model}: {e.message}") from e
     out = Path(args.out)
-    results = predict_files(model, images, out, args.conf, args.iou, args.max_det)
+    results, bad = predict_files(model, images, out, args.conf, args.iou, args.max_det)
     (out / "detections.json").write_text(json.dumps(results, indent=1))
     total = sum(len(r["boxes"]) for r in results.values())
-    print(f"{total} detections in {len(results)} images -> {out}")
+    skipped = f", {len(bad)} bad files skipped ({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''})"
+    print(f"{total} detections in {len(results)} images{skipped if bad else ''} -> {out}")
     return 0
 
 

@@ -1,1 +1,2 @@
-"""Running a registered model over many images on the Ray cluster: batch inference with Ray Data."""
+"""Running a model over many images: a local folder in this process (``folder.py``), or at scale on the Ray
+cluster with Ray Data (``batch.py``)."""

@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from jobs import predict
 from pipeline import names
+from pipeline.data import DataError
 from pipeline.data.synthetic import SYNTHETIC_CLASSES, synthetic_records
 from pipeline.data.writer import write_shards
 from pipeline.errors import RegistrationError
@@ -76,3 +77,24 @@ def test_predict_reads_a_reference_file_directly(tmp_path, three_class_shards, c
             "2",
         }
     assert (out / sorted(images)[0]).is_file()
+
+
+def test_predict_on_a_folder_skips_a_file_that_is_not_an_image_and_names_it(
+    tmp_path, three_class_shards, capsys
+):
+    images = val_jpegs(three_class_shards, tmp_path / "images")
+    (tmp_path / "images" / "notes.jpg").write_bytes(b"\xff\xd8\xff a JPEG header and nothing after it")
+    out = tmp_path / "out"
+    argv = ["--model", str(REFERENCE), "--source", str(tmp_path / "images"), "--out", str(out)]
+    assert predict.main([*argv, "--imgsz", "128"]) == 0
+    assert sorted(json.loads((out / "detections.json").read_text())) == sorted(images)
+    assert not (out / "notes.jpg").exists()
+    assert f"in {len(images)} images, 1 bad files skipped (notes.jpg) ->" in capsys.readouterr().out
+
+
+def test_predict_on_a_folder_where_nothing_decodes_is_an_error_naming_a_file(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.jpg").write_bytes(b"not an image")
+    argv = ["--model", str(REFERENCE), "--source", str(tmp_path / "images"), "--out", str(tmp_path / "o")]
+    with pytest.raises(DataError, match="none of the 1 files decodes as an image \\(first: a.jpg\\)"):
+        predict.main(argv)
