@@ -1,7 +1,6 @@
 """What every job does around its one call: log lines to the terminal (or the Ray job log), and a user's
 mistake reported as one line with a non-zero exit code instead of a traceback. Also the ``yolov9-ray``
-console script: ``yolov9-ray train|tune|register|predict|evaluate|make-shards|sync-tracking|report ...`` is
-``python -m jobs.<command> ...``."""
+console script: ``yolov9-ray COMMAND ...`` (one of ``COMMANDS``) is ``python -m jobs.<command> ...``."""
 
 from __future__ import annotations
 
@@ -34,7 +33,17 @@ def run(main: Callable[[], int | None]) -> None:
     sys.exit(code or 0)
 
 
-COMMANDS = ("train", "tune", "register", "predict", "evaluate", "make-shards", "sync-tracking", "report")
+COMMANDS = (
+    "train",
+    "tune",
+    "register",
+    "predict",
+    "serve",
+    "evaluate",
+    "make-shards",
+    "sync-tracking",
+    "report",
+)
 
 
 def main() -> None:

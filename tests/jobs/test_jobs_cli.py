@@ -79,8 +79,18 @@ def test_predict_with_a_model_that_is_not_registered(tmp_path, tiny_shards):
     assert_one_line_error(result, "cannot load --model models:/absent@champion")
 
 
+def test_serve_with_a_model_that_is_not_registered_fails_before_anything_starts(tmp_path):
+    result = job("jobs.serve", "--model", "models:/absent@champion", cwd=tmp_path)
+    assert_one_line_error(result, "cannot load --model models:/absent@champion")
+
+
+def test_serve_with_fewer_max_than_min_replicas(tmp_path):
+    result = job("jobs.serve", "--model", "m", "--min-replicas", "3", "--max-replicas", "2", cwd=tmp_path)
+    assert_one_line_error(result, "need 1 <= min_replicas <= max_replicas, got 3, 2")
+
+
 @pytest.mark.parametrize(
-    "module", ["train", "tune", "evaluate", "register", "predict", "make_shards", "sync_tracking"]
+    "module", ["train", "tune", "evaluate", "register", "predict", "serve", "make_shards", "sync_tracking"]
 )
 def test_every_job_runs_through_the_cli_wrapper(module):
     source = (REPO / "jobs" / f"{module}.py").read_text()
@@ -102,4 +112,4 @@ def test_the_console_script_runs_the_same_jobs(tmp_path):
 def test_the_console_script_lists_its_commands(tmp_path):
     result = subprocess.run([str(Path(sys.executable).parent / "yolov9-ray")], capture_output=True, text=True)
     assert result.returncode == USER_ERROR_EXIT
-    assert "{train,tune,register,predict,evaluate,make-shards,sync-tracking,report}" in result.stderr
+    assert "{train,tune,register,predict,serve,evaluate,make-shards,sync-tracking,report}" in result.stderr

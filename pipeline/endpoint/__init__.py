@@ -1,0 +1,2 @@
+"""The registered model answering HTTP requests on the Ray cluster (Ray Serve): requests batched,
+replicas autoscaled, an alias followed."""
