@@ -35,6 +35,7 @@ from pipeline.inference.folder import list_images, predict_files
 from pipeline.inference.inputs import LIST_SUFFIX, MANIFEST_SUFFIX
 from pipeline.registry.file_detector import FileDetector
 from pipeline.tracking import TrackingError, resolve_tracking_uri
+from pipeline.weights.published import published_weights
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--model", required=True, help="model URI (models:/yolov9-det@champion) or a weights file (.pt)"
+        "--model",
+        required=True,
+        help="model URI (models:/yolov9-det@champion), a weights file (.pt) or a published name (yolov9-c)",
     )
     parser.add_argument("--source", required=True, help="an image file or a directory of images")
     parser.add_argument("--out", required=True, help="output directory (or, with --batch, a URL)")
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.imgsz is not None and (args.imgsz < 32 or args.imgsz % 32):
         parser.error(f"--imgsz must be a positive multiple of 32, got {args.imgsz}")
+    args.model = published_weights(args.model)
     if args.batch or at_scale(args.source, str(args.out)):
         return predict_at_scale(args)
     images = list_images(args.source)

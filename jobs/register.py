@@ -32,6 +32,7 @@ from pipeline.registry.register import REFERENCE_IMGSZ, register, register_refer
 from pipeline.registry.source import resolve_source
 from pipeline.registry.verify import MAP_TOLERANCE
 from pipeline.tracking import check_tracking_uri, resolve_tracking_uri
+from pipeline.weights.published import published_weights
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="MLflow run id, checkpoint path, or experiment name")
-    source.add_argument("--weights", help="a reference checkpoint file (yolov9-c.pt, gelan-c.pt, ...)")
+    source.add_argument(
+        "--weights", help="a reference checkpoint file or a published name (yolov9-c, gelan-c, ...)"
+    )
     parser.add_argument("--name", default="yolov9-det", help="registered model name")
     parser.add_argument(
         "--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     uri = resolve_tracking_uri(args.tracking_uri)
     if args.weights is not None:
         result = register_reference(
-            args.weights,
+            published_weights(args.weights),
             args.name,
             uri,
             args.data,

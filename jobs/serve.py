@@ -17,6 +17,7 @@ from jobs.cli import run
 from pipeline.endpoint.deployment import EndpointOptions, run_endpoint
 from pipeline.endpoint.request import Limits
 from pipeline.tracking import resolve_tracking_uri
+from pipeline.weights.published import published_weights
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,7 +25,9 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--model", required=True, help="models:/NAME@alias (followed), models:/NAME/V or a .pt"
+        "--model",
+        required=True,
+        help="models:/NAME@alias (followed), models:/NAME/V, a .pt or a published name (yolov9-c)",
     )
     parser.add_argument(
         "--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
@@ -69,9 +72,8 @@ def main(argv: list[str] | None = None) -> None:
         poll_s=args.poll_s,
         limits=Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images),
     )
-    run_endpoint(
-        args.model, resolve_tracking_uri(args.tracking_uri), options, args.host, args.port, args.address
-    )
+    model = published_weights(args.model)
+    run_endpoint(model, resolve_tracking_uri(args.tracking_uri), options, args.host, args.port, args.address)
 
 
 if __name__ == "__main__":

@@ -339,8 +339,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if cfg.tune.warm_start is not None:
         folder = Path(path).parent if path is not None else Path.cwd()
         cfg.tune.warm_start = _absolute("tune.warm_start", cfg.tune.warm_start, folder)
-    if cfg.model.weights is not None and not cfg.model.weights.startswith(MLFLOW_URI_SCHEMES):
-        cfg.model.weights = _absolute("model.weights", cfg.model.weights)
+    weights = cfg.model.weights
+    # a bare name that is no file here stays a name: the reference's published weights go by name
+    # (pipeline.weights.published), and anything else is refused naming it when the weights are resolved
+    bare_name = weights is not None and "/" not in weights and not Path(weights).exists()
+    if weights is not None and not weights.startswith(MLFLOW_URI_SCHEMES) and not bare_name:
+        cfg.model.weights = _absolute("model.weights", weights)
     return cfg
 
 

@@ -22,6 +22,7 @@ from pipeline import names, storage
 from pipeline.config import Config
 from pipeline.storage import StorageError
 from pipeline.weights.pretrained import PretrainedError, load_source, sha256_of, transfer
+from pipeline.weights.published import published_weights
 from yolov9 import build_model
 
 log = logging.getLogger(__name__)
@@ -31,14 +32,15 @@ def resolve_weights(given: str, tracking_uri: str) -> str:
     """``model.weights`` -> the location of the file or checkpoint directory that holds the weights.
 
     Local paths and object-store URLs (checked to exist) are returned as given; MLflow URIs are looked up
-    in the store at ``tracking_uri``. Raises PretrainedError naming the URI for anything it cannot resolve.
+    in the store at ``tracking_uri``; a published name (``yolov9-c``) is its file in the download cache.
+    Raises PretrainedError naming the URI for anything it cannot resolve.
     """
     if given.startswith("runs:/"):
         path = _run_checkpoint(given, MlflowClient(tracking_uri))
     elif given.startswith("models:/"):
         path = _registered_source(given, MlflowClient(tracking_uri))
     else:
-        path = given
+        path = published_weights(given)
     if storage.is_url(path):
         try:
             found = storage.exists(path)
