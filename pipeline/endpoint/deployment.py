@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +236,45 @@ def endpoint(model_uri: str, tracking_uri: str, options: EndpointOptions) -> ser
         ray_actor_options={"num_cpus": options.cpus_per_replica, "num_gpus": 1 if options.gpu else 0},
     )
     return deployment.bind(model_uri, tracking_uri, options)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The application Ray Serve builds from a config file's ``import_path`` (``pipeline.endpoint.deployment:
+    build_app``) and ``args``, as a RayService declares it: ``model`` (required), ``tracking_uri`` (default
+    ``MLFLOW_TRACKING_URI``) and any EndpointOptions field (``max_batch_size``, ``max_replicas``, ``gpu``...;
+    ``limits`` as ``max_body_bytes``, ``max_images``, ``max_pixels``). EndpointOptionsError names an
+    argument it does not know or one it cannot use."""
+    given = dict(args)
+    model = str(given.pop("model", "") or "")
+    tracking_uri = str(given.pop("tracking_uri", "") or os.environ.get("MLFLOW_TRACKING_URI", ""))
+    if not model or not tracking_uri:
+        raise EndpointOptionsError(
+            "the application needs args.model and a tracking URI (args.tracking_uri or MLFLOW_TRACKING_URI)"
+        )
+    kinds = {f.name: f.type for f in fields(EndpointOptions) if f.name != "limits"}
+    limit_kinds = {f.name: f.type for f in fields(Limits)}
+    unknown = sorted(set(given) - set(kinds) - set(limit_kinds))
+    if unknown:
+        raise EndpointOptionsError(
+            f"unknown application args {unknown}; known: model, tracking_uri, {sorted(kinds | limit_kinds)}"
+        )
+    try:
+        values = {k: _typed(kinds[k], v) for k, v in given.items() if k in kinds}
+        limits = Limits(**{k: _typed(limit_kinds[k], v) for k, v in given.items() if k in limit_kinds})
+    except (TypeError, ValueError) as e:
+        raise EndpointOptionsError(f"application args: {e}") from e
+    return endpoint(model, tracking_uri, EndpointOptions(**values, limits=limits))
+
+
+def _typed(kind: str, value: Any) -> Any:
+    """A config value as its option's type (annotations are strings here: ``from __future__``)."""
+    if kind == "bool":
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise ValueError(f"{value!r} is not true or false")
+        return value
+    return {"int": int, "float": float}[kind](value)
 
 
 def run_endpoint(

@@ -13,6 +13,7 @@ import base64
 import copy
 import fnmatch
 import functools
+import importlib
 import json
 import re
 import shlex
@@ -32,12 +33,15 @@ INFRA = ROOT / "infra"
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
 KUBERAY = INFRA / "kuberay"
 CPU_COMPONENT = KUBERAY / "components" / "cpu-workers"
+SERVE_COMPONENT = KUBERAY / "components" / "serve"
 JOBS = ("train", "tune", "register")
 LAUNCHER = INFRA / "ray-cluster-launcher" / "cluster.yaml"
 COMPOSE = INFRA / "mlflow" / "docker-compose.yaml"
 # The shared fixtures sit next to the repository (CI checks them out beside it).
 KUBERAY_CRDS = ROOT.parent / "shared" / "fixtures" / "kuberay-crds"
+RAYSERVICE_CRD = Path(__file__).resolve().parent / "kuberay-crds" / "rayservices.yaml"  # not among those
 NAMESPACE = "yolov9-ray"
+RAY_KINDS = {"RayCluster", "RayJob", "RayService"}
 
 YAML_FILES = sorted(p for p in INFRA.rglob("*") if p.suffix in {".yaml", ".yml"})
 # Everything a user reads or applies and that can name an entry point or a config file.
@@ -213,9 +217,11 @@ def _apply_component(root: Path, resources: list[dict]) -> list[dict]:
     component = yaml.safe_load((root / "kustomization.yaml").read_text())
     if component.get("kind") != "Component":
         raise KustomizeError(f"{root} is not a kind: Component")
-    if set(component) - {"apiVersion", "kind", "images", "patches"}:
+    if set(component) - {"apiVersion", "kind", "images", "patches", "resources"}:
         raise KustomizeError(f"{root}: component fields not implemented here: {sorted(component)}")
-    resources = copy.deepcopy(resources)
+    # a component's resources (files only here) join the list before its own transformers run over it all
+    added = [doc for entry in component.get("resources", []) for doc in _docs(_inside(root, root / entry))]
+    resources = copy.deepcopy(resources) + added
     _transform(component, resources)
     return resources
 
@@ -238,11 +244,13 @@ def _by_kind(resources: list[dict], kind: str) -> dict[str, dict]:
 
 STACK = _render(KUBERAY)
 STACK_CPU = _render(KUBERAY, components=(CPU_COMPONENT,))
+STACK_SERVE = _render(KUBERAY, components=(SERVE_COMPONENT,))
 JOB_RENDERS = {name: _render(KUBERAY / "jobs" / name) for name in JOBS}
 # Everything `kubectl apply -k` creates, in every combination the README documents.
 ALL_RESOURCES = (
     [("infra/kuberay", r) for r in STACK]
     + [("infra/kuberay + cpu-workers", r) for r in STACK_CPU if r["kind"] == "RayCluster"]
+    + [("infra/kuberay + serve", r) for r in STACK_SERVE if r["kind"] == "RayService"]
     + [(f"infra/kuberay/jobs/{name}", r) for name, rs in JOB_RENDERS.items() for r in rs]
 )
 
@@ -300,7 +308,7 @@ def _ray_images() -> list[tuple[str, str]]:
     found = {
         (where, value)
         for where, r in ALL_RESOURCES
-        if r["kind"] in {"RayCluster", "RayJob"}
+        if r["kind"] in RAY_KINDS
         for key, value in _walk(r)
         if key == "image"
     }
@@ -313,11 +321,16 @@ def _ray_images() -> list[tuple[str, str]]:
 
 
 def _ray_cluster_specs() -> list[tuple[str, dict]]:
-    """(where, RayCluster spec) for every RayCluster and every RayJob's own cluster."""
+    """(where, RayCluster spec) for every RayCluster and every RayJob's and RayService's own cluster."""
+    own = {
+        "RayCluster": lambda s: s,
+        "RayJob": lambda s: s["rayClusterSpec"],
+        "RayService": lambda s: s["rayClusterConfig"],
+    }
     return [
-        (f"{where}: {r['kind']}/{r['metadata']['name']}", r["spec"].get("rayClusterSpec", r["spec"]))
+        (f"{where}: {r['kind']}/{r['metadata']['name']}", own[r["kind"]](r["spec"]))
         for where, r in ALL_RESOURCES
-        if r["kind"] in {"RayCluster", "RayJob"}
+        if r["kind"] in RAY_KINDS
     ]
 
 
@@ -424,11 +437,51 @@ def test_cpu_component_changes_only_the_raycluster() -> None:
     assert others(STACK_CPU) == others(STACK)
 
 
+def test_serve_component_adds_only_the_rayservice() -> None:
+    added = [r for r in STACK_SERVE if r not in STACK]
+    assert [(r["kind"], r["metadata"]["name"]) for r in added] == [("RayService", "yolov9-detector")]
+    assert len(STACK_SERVE) == len(STACK) + 1
+
+
+def _serve_config() -> dict:
+    (service,) = [r for r in STACK_SERVE if r["kind"] == "RayService"]
+    return yaml.safe_load(service["spec"]["serveConfigV2"])
+
+
+def test_rayservice_serve_config_is_one_ray_serve_accepts() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(_serve_config())
+
+
+def test_rayservice_application_builds_from_its_import_path_and_args(monkeypatch) -> None:
+    (app,) = _serve_config()["applications"]
+    module, _, name = app["import_path"].partition(":")
+    build = getattr(importlib.import_module(module), name)
+    # the replicas' MLFLOW_TRACKING_URI comes from the pod's env, as the manifest sets it
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    application = build(app["args"])
+    options = application._bound_deployment.init_args[2]
+    assert options.gpu and options.max_replicas == 8 and options.max_batch_size == 16
+    assert app["args"]["model"].startswith("models:/yolov9-det@")
+
+
+def test_rayservice_listens_where_its_pods_declare_the_serve_port() -> None:
+    port = _serve_config()["http_options"]["port"]
+    (service,) = [r for r in STACK_SERVE if r["kind"] == "RayService"]
+    cluster = service["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        (container,) = group["template"]["spec"]["containers"]
+        assert {"containerPort": port, "name": "serve"} in container["ports"]
+
+
 @pytest.mark.parametrize(
     ("root", "components"),
     [
         pytest.param("", (), id="infra/kuberay"),
         pytest.param("", ("components/cpu-workers",), id="infra/kuberay + cpu-workers"),
+        pytest.param("", ("components/serve",), id="infra/kuberay + serve"),
         *[pytest.param(f"jobs/{name}", (), id=f"infra/kuberay/jobs/{name}") for name in JOBS],
     ],
 )
@@ -466,8 +519,8 @@ def test_render_equals_kubectl_kustomize(tmp_path: Path, root: str, components: 
 
 @functools.cache
 def _crd_schema(kind: str) -> dict:
-    crds = {"RayCluster": "rayclusters.yaml", "RayJob": "rayjobs.yaml"}
-    (crd,) = _docs(KUBERAY_CRDS / crds[kind])
+    crds = {"RayCluster": KUBERAY_CRDS / "rayclusters.yaml", "RayJob": KUBERAY_CRDS / "rayjobs.yaml"}
+    (crd,) = _docs(crds.get(kind, RAYSERVICE_CRD))
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return version["schema"]["openAPIV3Schema"]
 
@@ -500,13 +553,13 @@ def _unknown_fields(value: object, schema: dict, path: str) -> list[str]:
     return []
 
 
-@pytest.mark.parametrize("resource", _resource_params({"RayCluster", "RayJob"}))
+@pytest.mark.parametrize("resource", _resource_params(RAY_KINDS))
 def test_kuberay_resource_validates_against_its_crd(resource: dict) -> None:
     assert resource["apiVersion"] == "ray.io/v1"
     jsonschema.Draft7Validator(_crd_schema(resource["kind"])).validate(resource)
 
 
-@pytest.mark.parametrize("resource", _resource_params({"RayCluster", "RayJob"}))
+@pytest.mark.parametrize("resource", _resource_params(RAY_KINDS))
 def test_kuberay_resource_sets_only_fields_its_crd_declares(resource: dict) -> None:
     assert _unknown_fields(resource, _crd_schema(resource["kind"]), resource["kind"]) == []
     # The CRD leaves metadata to the API server, which knows these.
@@ -532,6 +585,7 @@ API_VERSIONS = {
     "Deployment": "apps/v1",
     "RayCluster": "ray.io/v1",
     "RayJob": "ray.io/v1",
+    "RayService": "ray.io/v1",
 }
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
