@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> None:
         default=d.target_ongoing_requests,
         help="requests per replica the autoscaler aims at",
     )
+    parser.add_argument(
+        "--upscale-delay-s", type=float, default=d.upscale_delay_s, help="over the target this long: one more"
+    )
+    parser.add_argument(
+        "--downscale-delay-s", type=float, default=d.downscale_delay_s, help="under it this long: one fewer"
+    )
     parser.add_argument("--cpus-per-replica", type=float, default=d.cpus_per_replica)
     parser.add_argument("--gpu", action="store_true", help="one GPU per replica")
     parser.add_argument(
@@ -67,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
         min_replicas=args.min_replicas,
         max_replicas=args.max_replicas,
         target_ongoing_requests=args.target_ongoing,
+        upscale_delay_s=args.upscale_delay_s,
+        downscale_delay_s=args.downscale_delay_s,
         cpus_per_replica=args.cpus_per_replica,
         gpu=args.gpu,
         poll_s=args.poll_s,

@@ -49,7 +49,9 @@ class EndpointOptions:
 
     ``max_batch_size`` requests (or fewer, after ``batch_wait_s`` seconds) share one forward pass;
     replicas scale between ``min_replicas`` and ``max_replicas`` to keep ``target_ongoing_requests`` per
-    replica; ``gpu``: one GPU per replica; ``poll_s``: how often an alias is asked for its version (0: never).
+    replica, one more after ``upscale_delay_s`` seconds over it, one fewer after ``downscale_delay_s``
+    under it; ``gpu``: one GPU per replica; ``poll_s``: how often an alias is asked for its version
+    (0: never).
     """
 
     max_batch_size: int = 8
@@ -57,6 +59,8 @@ class EndpointOptions:
     min_replicas: int = 1
     max_replicas: int = 2
     target_ongoing_requests: float = 4.0
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
     cpus_per_replica: float = 1.0
     gpu: bool = False
     poll_s: float = 30.0
@@ -70,10 +74,10 @@ class EndpointOptions:
             raise EndpointOptionsError(
                 f"need 1 <= min_replicas <= max_replicas, got {self.min_replicas}, {self.max_replicas}"
             )
-        if self.target_ongoing_requests <= 0 or self.cpus_per_replica <= 0 or self.poll_s < 0:
-            raise EndpointOptionsError(
-                "target_ongoing_requests and cpus_per_replica must be > 0, poll_s >= 0"
-            )
+        if min(self.poll_s, self.upscale_delay_s, self.downscale_delay_s) < 0:
+            raise EndpointOptionsError("poll_s, upscale_delay_s and downscale_delay_s must be >= 0")
+        if self.target_ongoing_requests <= 0 or self.cpus_per_replica <= 0:
+            raise EndpointOptionsError("target_ongoing_requests and cpus_per_replica must be > 0")
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,7 @@ class Detector:
     def describe(self) -> dict[str, Any]:
         spec = self.current.source.spec
         return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
             "model": self.followed.uri,
             "version": self.current.source.version,
             "model_name": spec.model_name,
@@ -231,6 +236,8 @@ def endpoint(model_uri: str, tracking_uri: str, options: EndpointOptions) -> ser
             "initial_replicas": options.min_replicas,
             "max_replicas": options.max_replicas,
             "target_ongoing_requests": options.target_ongoing_requests,
+            "upscale_delay_s": options.upscale_delay_s,
+            "downscale_delay_s": options.downscale_delay_s,
         },
         max_ongoing_requests=max(2 * options.max_batch_size, int(2 * options.target_ongoing_requests)),
         ray_actor_options={"num_cpus": options.cpus_per_replica, "num_gpus": 1 if options.gpu else 0},

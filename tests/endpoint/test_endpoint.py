@@ -82,6 +82,7 @@ def endpoint(store, tmp_path_factory) -> str:
     command = [
         sys.executable, "-m", "jobs.serve", "--model", f"models:/{NAME}@champion", "--port", str(port),
         "--poll-s", "1", "--max-batch-size", "4", "--max-body-mb", str(MAX_BODY_MB),
+        "--max-replicas", "2", "--target-ongoing", "1", "--upscale-delay-s", "1",
     ]  # fmt: skip
     log = folder / "serve.log"
     LOGS.append(log)
@@ -167,29 +168,54 @@ def test_bad_requests_get_a_4xx_with_a_message_and_good_ones_are_still_answered(
         assert call(endpoint, jpeg, "image/jpeg")[0] == 200
 
 
-def test_the_endpoint_follows_its_alias_without_dropping_a_request(endpoint, store, shards, images):
-    version = str(register_reference(REFERENCE, NAME, store, shards, imgsz=128).version)
+def asking(endpoint: str, body: bytes, clients: int):
+    """``clients`` threads posting ``body`` until the returned event is set; their (status, answer)s."""
     answers, stop = [], threading.Event()
 
     def keep_asking():
         while not stop.is_set():
-            answers.append(call(endpoint, next(iter(images.values())), "image/jpeg"))
+            answers.append(call(endpoint, body, "image/jpeg"))
 
-    asking = threading.Thread(target=keep_asking)
-    asking.start()
+    threads = [threading.Thread(target=keep_asking) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    return answers, stop, threads
+
+
+def settled_on(endpoint: str, version: str, calls: int = 10) -> bool:
+    """Whether ``calls`` /version answers in a row (from whichever replicas) name ``version``."""
+    return all(call(f"{endpoint}/version", method="GET")[1]["version"] == version for _ in range(calls))
+
+
+def test_a_second_replica_is_added_under_load(endpoint, images):
+    answers, stop, threads = asking(endpoint, next(iter(images.values())), clients=4)
+    replicas = set()
     try:
-        MlflowClient(store).set_registered_model_alias(NAME, "champion", version)
         wait_for(
-            lambda: call(f"{endpoint}/version", method="GET")[1]["version"] == version,
-            f"version {version}",
-            60,
-        )
-        wait_for(
-            lambda: answers and answers[-1][1].get("version") == version, "an answer of the new version", 30
+            lambda: (
+                replicas.add(call(f"{endpoint}/version", method="GET")[1]["replica"]) or len(replicas) == 2
+            ),
+            "a second replica (max 2, 1 request in flight each, 4 clients)",
+            180,
         )
     finally:
         stop.set()
-        asking.join()
+        for t in threads:
+            t.join()
+    assert answers and all(status == 200 for status, _ in answers)
+
+
+def test_the_endpoint_follows_its_alias_without_dropping_a_request(endpoint, store, shards, images):
+    version = str(register_reference(REFERENCE, NAME, store, shards, imgsz=128).version)
+    answers, stop, threads = asking(endpoint, next(iter(images.values())), clients=1)
+    try:
+        MlflowClient(store).set_registered_model_alias(NAME, "champion", version)
+        wait_for(lambda: settled_on(endpoint, version), f"every replica on version {version}", 60)
+        wait_for(lambda: answers[-1][1].get("version") == version, "an answer of the new version", 30)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
     assert all(status == 200 for status, _ in answers), [a for a in answers if a[0] != 200][:3]
     assert {a["version"] for _, a in answers} <= {"1", version}
 
@@ -198,19 +224,21 @@ def test_a_version_that_does_not_load_is_refused_and_the_answering_one_goes_on(
     endpoint, store, images, tmp_path
 ):
     client = MlflowClient(store)
-    answering = call(f"{endpoint}/version", method="GET")[1]["version"]
+    answering = str(client.get_model_version_by_alias(NAME, "champion").version)
+    wait_for(lambda: settled_on(endpoint, answering), f"every replica on version {answering}", 60)
     (tmp_path / "empty").mkdir()
     broken = str(client.create_model_version(NAME, source=str(tmp_path / "empty")).version)
     client.set_registered_model_alias(NAME, "champion", broken)
     try:
-        wait_for(
-            lambda: call(f"{endpoint}/version", method="GET")[1]["refused"].get("version") == broken,
-            f"version {broken} refused",
-            60,
-        )
+        described = {}
+
+        def refused_by_this_replica() -> bool:
+            described.update(call(f"{endpoint}/version", method="GET")[1])
+            return described["refused"].get("version") == broken
+
+        wait_for(refused_by_this_replica, f"version {broken} refused", 60)
+        assert described["version"] == answering and "not a yolov9-ray model" in described["refused"]["error"]
         status, answer = call(endpoint, next(iter(images.values())), "image/jpeg")
         assert status == 200 and answer["version"] == answering
-        refused = call(f"{endpoint}/version", method="GET")[1]
-        assert refused["version"] == answering and "not a yolov9-ray model" in refused["refused"]["error"]
     finally:
         client.set_registered_model_alias(NAME, "champion", answering)
