@@ -27,6 +27,13 @@ from tests.isolation import (  # noqa: F401 -- hooks: modules using local_ray ru
     write_module_times,
 )
 
+# The reference implementation's own files (../shared/fixtures/reference-checkpoints/README.md), resolved:
+# paths derived from them are compared with paths the code resolves (../shared may be a symlink).
+REFERENCE_CHECKPOINTS = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "reference-checkpoints"
+).resolve()
+GELAN_T_NC3 = REFERENCE_CHECKPOINTS / "gelan-t-nc3.pt"  # random weights, 3 classes
+
 TINY_SYNTHETIC = {"num_train": 48, "num_val": 12, "image_size": 128, "seed": 0, "shard_size": 12}
 
 
@@ -37,6 +44,24 @@ def tiny_shards(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("tiny-shards")
     write_synthetic_dataset(root, **TINY_SYNTHETIC)
+    return root
+
+
+@pytest.fixture(scope="session")
+def three_class_shards(tmp_path_factory) -> Path:
+    """Val shards of the synthetic set without its fourth class (crosses unlabelled), the class count of
+    ``gelan-t-nc3.pt``: 6 images of 128 px."""
+    import dataclasses
+
+    from pipeline.data.synthetic import SYNTHETIC_CLASSES, synthetic_records
+    from pipeline.data.writer import write_shards
+
+    root = tmp_path_factory.mktemp("three-classes")
+    records = []
+    for r in synthetic_records(6, 128, seed=1):
+        keep = r.classes < 3
+        records.append(dataclasses.replace(r, boxes=r.boxes[keep], classes=r.classes[keep]))
+    write_shards(records, list(SYNTHETIC_CLASSES[:3]), root, "val", shard_size=6)
     return root
 
 

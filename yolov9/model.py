@@ -124,7 +124,7 @@ class DetectionModel(nn.Module):
         self.sources: list[From] = list(sources)
         self.name = name
         self._max_stride: int | None = None  # set on the first forward, when the strides are measured
-        self.save = {j for i, f in enumerate(self.sources) for j in _absolute(i, f)}
+        self.save = {j for i, f in enumerate(self.sources) for j in layer_inputs(i, f)}
 
     @property
     def head(self) -> DDetect | DualDDetect:
@@ -170,7 +170,7 @@ class DetectionModel(nn.Module):
             raise ValueError(f"input size {h}x{w} is not a multiple of the model stride {stride}")
 
 
-def _absolute(i: int, f: From) -> list[int]:
+def layer_inputs(i: int, f: From) -> list[int]:
     """Layer indices that layer ``i`` reads, excluding the input image."""
     refs = [f] if isinstance(f, int) else f
     return [i - 1 if j == -1 else j for j in refs if not (j == -1 and i == 0)]

@@ -14,13 +14,13 @@ from torch import nn
 
 from yolov9.blocks import Conv, RepConvN
 from yolov9.head import DualDDetect
-from yolov9.model import DetectionModel, From, _absolute
+from yolov9.model import DetectionModel, From, layer_inputs
 
 
 def main_branch_layers(model: DetectionModel) -> list[int]:
     """Sorted indices of the layers the main half of the head depends on (the head excluded)."""
     head_index = len(model.layers) - 1
-    sources = _absolute(head_index, model.sources[head_index])
+    sources = layer_inputs(head_index, model.sources[head_index])
     if isinstance(model.head, DualDDetect):
         sources = sources[model.head.nl :]
     keep: set[int] = set()
@@ -29,7 +29,7 @@ def main_branch_layers(model: DetectionModel) -> list[int]:
         i = stack.pop()
         if i not in keep:
             keep.add(i)
-            stack.extend(_absolute(i, model.sources[i]))
+            stack.extend(layer_inputs(i, model.sources[i]))
     return sorted(keep)
 
 
@@ -68,7 +68,7 @@ def prune(model: DetectionModel) -> DetectionModel:
     layers = [src.layers[i] for i in kept]
     sources = [remap(n, i, src.sources[i]) for n, i in enumerate(kept)]
     head = src.head
-    head_sources = _absolute(head_index, src.sources[head_index])
+    head_sources = layer_inputs(head_index, src.sources[head_index])
     if isinstance(head, DualDDetect):
         head_sources = head_sources[head.nl :]
         head = head.main_half()

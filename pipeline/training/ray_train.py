@@ -29,7 +29,7 @@ import torch
 from ray._private.ray_constants import GCS_PORT_ENVIRONMENT_VARIABLE  # no public name for it
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
-from ray.train.torch.config import _TorchBackend
+from ray.train.torch.config import _TorchBackend  # private: no public hook runs code on every worker at start
 
 from pipeline import names
 from pipeline.checkpoint import (

@@ -5,7 +5,6 @@ does not load. The model is a reference-format file (random weights, 3 classes) 
 store; the answers' values are compared with the pyfunc model's on the same images, whatever they are."""
 
 import base64
-import dataclasses
 import json
 import os
 import subprocess
@@ -20,43 +19,24 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.data.synthetic import SYNTHETIC_CLASSES, synthetic_records
-from pipeline.data.writer import write_shards
+from pipeline.data.synthetic import SYNTHETIC_CLASSES
 from pipeline.registry.register import register_reference
-from tests.conftest import free_port, start_group, stop_group, val_jpegs, wait_until_serving
+from tests.conftest import GELAN_T_NC3, free_port, start_group, stop_group, val_jpegs, wait_until_serving
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_process, pytest.mark.cost(70)]
 
-REFERENCE = (
-    Path(__file__).resolve().parents[2].parent
-    / "shared"
-    / "fixtures"
-    / "reference-checkpoints"
-    / "gelan-t-nc3.pt"
-)
+REFERENCE = GELAN_T_NC3
 NAME = "det"
 MAX_BODY_MB = 1
 ANSWER_PARAMS = {"conf": 0.001, "iou": 0.45, "max_det": 10}  # random weights: scores ~0.001-0.005
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    """Val shards of three synthetic classes (the reference file's class count): 6 images."""
-    root = tmp_path_factory.mktemp("three-classes")
-    records = []
-    for r in synthetic_records(6, 128, seed=1):
-        keep = r.classes < 3
-        records.append(dataclasses.replace(r, boxes=r.boxes[keep], classes=r.classes[keep]))
-    write_shards(records, list(SYNTHETIC_CLASSES[:3]), root, "val", shard_size=6)
-    return root
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, shards) -> str:
+def store(tmp_path_factory, three_class_shards) -> str:
     """A sqlite tracking store where version 1 of ``det`` is the champion."""
     uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
-    register_reference(REFERENCE, NAME, uri, shards, imgsz=128)
+    register_reference(REFERENCE, NAME, uri, three_class_shards, imgsz=128)
     MlflowClient(uri).set_registered_model_alias(NAME, "champion", "1")
     return uri
 
@@ -97,9 +77,9 @@ def endpoint(store, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def images(shards, tmp_path_factory) -> dict[str, bytes]:
+def images(three_class_shards, tmp_path_factory) -> dict[str, bytes]:
     folder = tmp_path_factory.mktemp("images") / "val"
-    return {name: (folder / name).read_bytes() for name in sorted(val_jpegs(shards, folder))}
+    return {name: (folder / name).read_bytes() for name in sorted(val_jpegs(three_class_shards, folder))}
 
 
 def call(url: str, body: bytes = b"", content_type: str = "application/json", method: str = "POST"):
@@ -205,8 +185,10 @@ def test_a_second_replica_is_added_under_load(endpoint, images):
     assert answers and all(status == 200 for status, _ in answers)
 
 
-def test_the_endpoint_follows_its_alias_without_dropping_a_request(endpoint, store, shards, images):
-    version = str(register_reference(REFERENCE, NAME, store, shards, imgsz=128).version)
+def test_the_endpoint_follows_its_alias_without_dropping_a_request(
+    endpoint, store, three_class_shards, images
+):
+    version = str(register_reference(REFERENCE, NAME, store, three_class_shards, imgsz=128).version)
     answers, stop, threads = asking(endpoint, next(iter(images.values())), clients=1)
     try:
         MlflowClient(store).set_registered_model_alias(NAME, "champion", version)

@@ -4,9 +4,7 @@ The fixture ``gelan-t-nc3.pt`` (written by the reference implementation, random 
 verified on val shards of three classes: its measured mAP is tagged, whatever it is.
 """
 
-import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -14,34 +12,15 @@ from mlflow.tracking import MlflowClient
 from jobs import predict
 from pipeline import names
 from pipeline.data import DataError
-from pipeline.data.synthetic import SYNTHETIC_CLASSES, synthetic_records
-from pipeline.data.writer import write_shards
+from pipeline.data.synthetic import SYNTHETIC_CLASSES
 from pipeline.errors import RegistrationError
 from pipeline.registry.register import register_reference
 from pipeline.weights.pretrained import sha256_of
 from pipeline.weights.sources import resolve_weights
-from tests.conftest import val_jpegs
+from tests.conftest import GELAN_T_NC3, val_jpegs
 
 pytestmark = pytest.mark.slow
-REFERENCE = (
-    Path(__file__).resolve().parents[2].parent
-    / "shared"
-    / "fixtures"
-    / "reference-checkpoints"
-    / "gelan-t-nc3.pt"
-).resolve()  # canonical: resolved sources are compared with it (../shared may be a symlink)
-
-
-@pytest.fixture(scope="module")
-def three_class_shards(tmp_path_factory) -> Path:
-    """Val shards of the synthetic set without its fourth class (crosses unlabelled): 6 images."""
-    root = tmp_path_factory.mktemp("three-classes")
-    records = []
-    for r in synthetic_records(6, 128, seed=1):
-        keep = r.classes < 3
-        records.append(dataclasses.replace(r, boxes=r.boxes[keep], classes=r.classes[keep]))
-    write_shards(records, list(SYNTHETIC_CLASSES[:3]), root, "val", shard_size=6)
-    return root
+REFERENCE = GELAN_T_NC3
 
 
 def test_a_reference_file_is_registered_with_its_measured_map_and_sha256(tmp_path, three_class_shards):
