@@ -9,7 +9,8 @@ fresh folder, with the default settings (relative ``sqlite:///mlflow.db``, the s
    checkpoint, and
    ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` (on a free port) showing the demo's experiment.
 4. ``python -m jobs.predict --model models:/yolov9-det@champion --source photos --out predictions``.
-5. ``mlflow models serve -m models:/yolov9-det@champion --env-manager local -h 127.0.0.1 -p PORT``.
+5. ``mlflow models serve -m models:/yolov9-det@champion --env-manager local -h 127.0.0.1 -p PORT``, and
+   ``python -m jobs.serve --model models:/yolov9-det@champion --port PORT`` answering the README's curl.
 """
 
 import base64
@@ -230,3 +231,34 @@ def test_mlflow_models_serve_answers_with_detections(registered, folder, tmp_pat
     assert len(prediction["boxes"]) >= 1
     classes = read_manifest(manifest_path(folder / "data" / "synthetic", "val")).class_names
     assert prediction["class_names"] == [classes[c] for c in prediction["classes"]]
+
+
+def test_the_ray_serve_endpoint_answers_a_posted_photo(registered, folder, tmp_path):
+    """``python -m jobs.serve --model models:/yolov9-det@champion`` (on a free port: 8000 may be taken), then
+    the README's curl (at the default conf): one photo's bytes with its Content-Type."""
+    photos = val_jpegs(folder / "data" / "synthetic", tmp_path / "photos")
+    jpeg = (tmp_path / "photos" / sorted(photos)[0]).read_bytes()
+    port = free_port()
+    log = tmp_path / "jobs-serve.log"
+    command = [
+        sys.executable,
+        "-m",
+        "jobs.serve",
+        "--model",
+        "models:/yolov9-det@champion",
+        "--port",
+        str(port),
+    ]
+    with log.open("wb") as out:
+        server = start_group(command, cwd=folder, env=ENV, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_until_serving(port, server, log, timeout_s=300, path="/healthz")
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/", data=jpeg, headers={"Content-Type": "image/jpeg"}
+            )
+            with urllib.request.urlopen(request, timeout=60) as response:
+                answer = json.loads(response.read())
+        finally:
+            stop_group(server)
+    assert server.returncode == 0, log.read_text()[-3000:]
+    assert answer["version"] == "1" and len(answer["predictions"][0]["boxes"]) >= 1
