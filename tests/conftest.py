@@ -101,6 +101,17 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {TEST_PORTS} after 1000 tries")
 
 
+def ray_node_ports() -> list[str]:
+    """`ray start` flags giving a node's agents and managers ports of their own (``free_port``). Left to
+    Ray, every node's dashboard agent listens on 52365: with another Ray instance of the suite holding it,
+    a head's job agent never came up and `ray job submit` waited until the test failed (seen in CI:
+    "Failed to bind to port 52365 ... address already in use"); the other ports Ray picks by probing the
+    OS's ephemeral range, which the suite's other instances draw from too."""
+    flags = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port", "node-manager-port", "object-manager-port")  # fmt: skip
+    return [f"--{flag}={free_port()}" for flag in flags]
+
+
 def start_group(args: list[str], **popen: Any) -> subprocess.Popen:
     """Start a server in a process group of its own, so that ``stop_group`` stops it and all it spawns.
 

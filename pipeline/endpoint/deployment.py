@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -123,7 +124,6 @@ class Detector:
         self.refused: dict[str, str] = {}
         self.detect_batch.set_max_batch_size(options.max_batch_size)
         self.detect_batch.set_batch_wait_timeout_s(options.batch_wait_s)
-        self._stop = threading.Event()
         if self.followed.alias and options.poll_s > 0:
             threading.Thread(target=self._follow, name="alias-follower", daemon=True).start()
 
@@ -134,7 +134,8 @@ class Detector:
     def _follow(self) -> None:
         """Every ``poll_s``: load the alias's version when it moved. Any failure (the registry away, a
         version that does not load) is logged and the answering model stays: this thread never ends."""
-        while not self._stop.wait(self.options.poll_s):
+        while True:
+            time.sleep(self.options.poll_s)
             try:
                 self._follow_once()
             except Exception as e:  # noqa: BLE001 -- whatever the registry or the load raises
@@ -188,9 +189,9 @@ class Detector:
             )
         try:
             body = await _body(request, self.options.limits.max_body_bytes)
-            detection = read_request(
-                body, request.headers.get("content-type", ""), dict(request.query_params), self.options.limits
-            )
+            content_type, query = request.headers.get("content-type", ""), dict(request.query_params)
+            # decoding a large image takes tens of milliseconds: off the event loop other requests share
+            detection = await asyncio.to_thread(read_request, body, content_type, query, self.options.limits)
         except RequestError as e:
             return JSONResponse({"error": str(e)}, status_code=e.status)
         return JSONResponse(await self.detect_batch(detection))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import tempfile
 from pathlib import Path
@@ -93,9 +94,7 @@ def start_local_ray(**init: Any) -> str:
     so a crashed run's placement group is never freed. The instance's GCS port is chosen here and
     ``RAY_ADDRESS`` set before ``ray.init``, so every process of the instance inherits its own address;
     ``address="local"`` keeps ``ray.init`` from connecting to it instead of starting it."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _gcs_port()
     own = f"127.0.0.1:{port}"
     # set before ray.init so that the instance's processes (Tune trials too) inherit them
     for name, value in LOCAL_RAY_TRAIN_ENV.items():
@@ -107,6 +106,26 @@ def start_local_ray(**init: Any) -> str:
     finally:
         del os.environ[GCS_PORT_ENVIRONMENT_VARIABLE]
     return own
+
+
+def _gcs_port() -> int:
+    """A free port for a local instance's GCS, above the OS's ephemeral range when there is room there. A
+    port drawn from that range (bound to 0 and released) can be handed to another process's connection or
+    server before the GCS binds it: seen in the suite, where several Ray instances start side by side
+    ("Failed to start the grpc server. The specified port is 45357")."""
+    try:
+        high = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[1])
+    except (OSError, IndexError, ValueError):  # not Linux: the OS's choice
+        high = 65535
+    above = range(high + 1, 65536)
+    for port in [*random.sample(above, min(100, len(above))), 0]:  # 0: the OS's choice, last
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return probe.getsockname()[1]
+    raise RuntimeError("no free port for the local Ray instance's GCS")
 
 
 # Ray Train 2.60 logs every `ray.train.report` of every rank at INFO with all its metrics ("Reporting

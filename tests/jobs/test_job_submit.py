@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.checkpoint import load_checkpoint
-from tests.conftest import free_port, start_group, stop_group
+from tests.conftest import free_port, ray_node_ports, start_group, stop_group
 from tests.waiting import accepts_connections, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cost(55), pytest.mark.own_process]
@@ -47,8 +47,9 @@ def ray_head(tmp_path_factory):
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}",
             "--num-cpus=3",
-            f"--temp-dir={tempfile.mkdtemp(prefix='ray', dir='/tmp')}",
-        ],  # short: socket paths have a limit
+            f"--temp-dir={tempfile.mkdtemp(prefix='ray', dir='/tmp')}",  # short: socket paths have a limit
+            *ray_node_ports(),
+        ],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

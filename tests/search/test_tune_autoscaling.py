@@ -22,7 +22,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.search.tune import run_search
-from tests.conftest import free_port, start_group, stop_group
+from tests.conftest import free_port, ray_node_ports, start_group, stop_group
 from tests.search.test_tune import small_search
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_process, pytest.mark.cost(45)]
@@ -88,7 +88,7 @@ def autoscaling_cluster(tmp_path, monkeypatch):
             [
                 str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                 f"--port={gcs}", "--num-cpus=0", f"--autoscaling-config={config}",
-                "--include-dashboard=false", f"--temp-dir={temp_dir}",
+                "--include-dashboard=false", f"--temp-dir={temp_dir}", *ray_node_ports(),
             ],
             env=env, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip

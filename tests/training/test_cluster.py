@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.registry.register import register
-from tests.conftest import free_port, start_group, stop_group
+from tests.conftest import free_port, ray_node_ports, start_group, stop_group
 from tests.waiting import accepts_connections, wait_until
 
 pytestmark = [
@@ -99,6 +99,7 @@ def two_nodes(tmp_path):
             f"--dashboard-port={free_port()}",
             "--num-cpus=2",
             f"--temp-dir={temp}",
+            *ray_node_ports(),
         ],
         env,
         tmp_path / "head.log",
@@ -115,6 +116,7 @@ def two_nodes(tmp_path):
                 f"--address={address}",
                 "--node-ip-address=127.0.0.1",
                 "--num-cpus=1",
+                *ray_node_ports(),
             ],
             env,
             tmp_path / "node2.log",
