@@ -34,7 +34,7 @@ from pipeline.data import DataError
 from pipeline.inference.folder import list_images, predict_files
 from pipeline.inference.inputs import LIST_SUFFIX, MANIFEST_SUFFIX
 from pipeline.registry.file_detector import FileDetector
-from pipeline.tracking import TrackingError, resolve_tracking_uri
+from pipeline.tracking import TrackingError, check_model_store, resolve_tracking_uri
 from pipeline.weights.published import published_weights
 
 
@@ -77,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     if Path(args.model).is_file():
         model = FileDetector(args.model, args.imgsz)
     else:
-        mlflow.set_tracking_uri(resolve_tracking_uri(args.tracking_uri))
+        uri = resolve_tracking_uri(args.tracking_uri)
+        if args.model.startswith(("models:/", "runs:/")):
+            check_model_store(uri, args.model)
+        mlflow.set_tracking_uri(uri)
         try:
             model = mlflow.pyfunc.load_model(args.model)
         except MlflowException as e:

@@ -74,6 +74,17 @@ def check_tracking_uri(uri: str, timeout_s: float = 10.0) -> None:
         )
 
 
+def check_model_store(uri: str, model: str) -> None:
+    """Before ``model`` (a ``models:/`` URI) is read from the store at ``uri``: a sqlite store whose file does
+    not exist holds no model, and MLflow would create an empty one there (seconds of table creation, a stray
+    ``mlflow.db`` in the user's folder) only to say the model is not registered."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise TrackingError(
+            f"cannot load --model {model}: there is no MLflow store at {uri}, so nothing is registered "
+            "there (set MLFLOW_TRACKING_URI or --tracking-uri to the store that holds the model)"
+        )
+
+
 def experiment_id(client: MlflowClient, uri: str, name: str) -> str:
     """The id of experiment ``name`` in the store at ``uri``, created if missing.
 

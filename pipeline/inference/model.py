@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.registry.serving import SPEC_ARTIFACT, WEIGHTS_ARTIFACT, ModelSpec, pruned_architecture
-from pipeline.tracking import TrackingError
+from pipeline.tracking import TrackingError, check_model_store
 from pipeline.weights.pretrained import load_source
 from yolov9 import DetectionModel, prune
 
@@ -47,6 +47,7 @@ def resolve_model(model: str, tracking_uri: str, imgsz: int | None = None) -> Ba
     loaded."""
     if Path(model).exists():
         return _from_file(Path(model), imgsz)
+    check_model_store(tracking_uri, model)
     mlflow.set_tracking_uri(tracking_uri)
     try:
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))

@@ -77,11 +77,13 @@ def test_predict_with_a_model_that_is_not_registered(tmp_path, tiny_shards):
         "jobs.predict", "--model", "models:/absent@champion", "--source", "images", "--out", "o", cwd=tmp_path
     )
     assert_one_line_error(result, "cannot load --model models:/absent@champion")
+    assert not (tmp_path / "mlflow.db").exists()  # no empty store left behind in the user's folder
 
 
 def test_serve_with_a_model_that_is_not_registered_fails_before_anything_starts(tmp_path):
     result = job("jobs.serve", "--model", "models:/absent@champion", cwd=tmp_path)
     assert_one_line_error(result, "cannot load --model models:/absent@champion")
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_serve_with_fewer_max_than_min_replicas(tmp_path):

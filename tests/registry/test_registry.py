@@ -15,6 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from jobs import predict
 from pipeline.checkpoint import TrainingCheckpoint, load_checkpoint, save_checkpoint
 from pipeline.config import Config
 from pipeline.data import read_manifest
@@ -26,7 +27,7 @@ from pipeline.registry.promotion import CHAMPION, decide_promotion
 from pipeline.registry.register import register
 from pipeline.registry.source import resolve_source
 from pipeline.registry.verify import max_relative_difference, recorded_map, verify_map, verify_outputs
-from pipeline.tracking import experiment_id
+from pipeline.tracking import TrackingError, experiment_id
 from tests.conftest import free_port, start_group, stop_group, val_jpegs, wait_until_serving
 from yolov9 import build_model, prune
 
@@ -320,6 +321,17 @@ def test_onnx_and_torchscript_files_are_logged(registry):
     uri, first, _, _ = registry
     names = {a.path for a in MlflowClient(uri).list_artifacts(first.logging_run_id, "export")}
     assert names == {"export/model.onnx", "export/model.torchscript.pt"}
+
+
+@pytest.mark.slow  # the registry fixture
+def test_predict_with_a_model_the_store_does_not_hold_names_it(registry, tmp_path):
+    uri, _, _, _ = registry
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(b"\xff\xd8 not decoded before the model loads")
+    argv = ["--model", "models:/absent@champion", "--source", str(images), "--out", str(tmp_path / "out")]
+    with pytest.raises(TrackingError, match="cannot load --model models:/absent@champion: .*absent"):
+        predict.main([*argv, "--tracking-uri", uri])
 
 
 @pytest.mark.slow
