@@ -53,12 +53,13 @@ def predict_files(
             if bgr is None:
                 bad.append(path.name)
             else:
-                decoded[path] = (data, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+                decoded[path] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         if not decoded:
             continue
-        frame = pd.DataFrame({"image": [data for data, _ in decoded.values()]})
+        # the decoded arrays, not the bytes: the model takes HxWx3 RGB arrays as they are (one decode)
+        frame = pd.DataFrame({"image": list(decoded.values())})
         predictions = model.predict(frame, params={"conf": conf, "iou": iou, "max_det": max_det})
-        for (path, (_, rgb)), row in zip(decoded.items(), predictions.to_dict("records"), strict=True):
+        for (path, rgb), row in zip(decoded.items(), predictions.to_dict("records"), strict=True):
             det = {k: list(row[k]) for k in ("boxes", "scores", "classes", "class_names")}
             results[path.name] = det
             boxes = np.asarray(det["boxes"], dtype=np.float32).reshape(-1, 4)
