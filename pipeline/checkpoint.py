@@ -58,6 +58,7 @@ class TrainingCheckpoint:
     val_manifest_hash: str = ""
     history: list[dict[str, float]] = field(default_factory=list)  # one metrics dict per epoch so far
     metrics: dict[str, float] = field(default_factory=dict)  # this epoch's
+    world_size: int = 0  # workers of the run when it was saved (0: not recorded, older files)
 
     def to_state_dict(self) -> dict[str, Any]:
         state = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -122,7 +122,8 @@ class LossConfig:
 @dataclass
 class RayConfig:
     address: str | None = None  # None: the RAY_ADDRESS cluster, or a new local instance
-    num_workers: int = 2
+    # an integer: a fixed worker group; [MIN, MAX]: an elastic one (README "Elastic training")
+    num_workers: int | list[int] = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
@@ -130,6 +131,20 @@ class RayConfig:
     run_name: str = "yolov9"
     storage_path: str = "runs/ray"
     max_failures: int = 2
+    resize_check_s: float = 60.0  # elastic: how often a running group looks for room to grow
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        """The largest worker group; an elastic run's data and schedule are laid out for this many."""
+        return self.num_workers[-1] if isinstance(self.num_workers, list) else self.num_workers
 
 
 @dataclass
@@ -191,6 +206,11 @@ def _convert(value: Any, annotation: Any, key: str, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
         return _build(annotation, value, key, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
+        (item,) = typing.get_args(annotation)
+        return [_convert(v, item, key, where) for v in value]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
@@ -266,7 +286,14 @@ def _check_values(cfg: Config, where: str) -> None:
             "loss weights",
             "must be >= 0",
         ),
-        (r.num_workers >= 1, "ray.num_workers", "must be >= 1"),
+        (
+            isinstance(r.num_workers, int) or _is_range(r.num_workers),
+            "ray.num_workers",
+            f"must be an integer or a range [MIN, MAX] of two integers, got {r.num_workers!r}",
+        ),
+        (r.min_workers >= 1, "ray.num_workers", "must be >= 1"),
+        (r.min_workers <= r.max_workers, "ray.num_workers", f"[MIN, MAX] needs MIN <= MAX: {r.num_workers}"),
+        (r.resize_check_s > 0, "ray.resize_check_s", "must be > 0"),
         (r.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0"),
         (r.max_failures >= -1, "ray.max_failures", "must be >= -1 (-1: retry forever)"),
         (
@@ -279,6 +306,10 @@ def _check_values(cfg: Config, where: str) -> None:
     for ok, key, rule in rules:
         if not ok:
             raise ConfigError(f"{where}: {key} {rule}")
+
+
+def _is_range(value: list) -> bool:
+    return len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

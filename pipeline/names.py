@@ -35,6 +35,7 @@ BEST_MAP = "val/best_map50_95"
 TRAIN_TOTAL = "train/total"
 TRAIN_LR = "train/lr"
 IMAGES_PER_S = "train/images_per_s"
+WORLD_SIZE = "train/world_size"  # workers that trained the epoch (at its end; elastic runs resize)
 LOADER_WAIT = "train/loader_wait_fraction"
 MOSAIC = "train/mosaic"
 HP_AUX_WEIGHT = "hp/aux_weight"

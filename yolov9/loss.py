@@ -13,7 +13,9 @@ Workers. Under ``torch.distributed`` the normaliser and ``B`` are summed over al
 rank's term is multiplied by the world size, so that DistributedDataParallel's gradient *average*
 equals the gradient one process would get from the whole batch: the step does not depend on how
 the batch is split over workers. The logged ``parts`` are likewise scaled so that their mean over
-ranks is the whole-batch value.
+ranks is the whole-batch value. ``across_ranks=False`` computes each call as one process would (its
+own normaliser and ``B``, no collective): for workers that run different numbers of micro-batches per
+step (an elastic run), whose caller scales the backward by the world size itself.
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ class DualDetectionLoss:
         tal_alpha: float = 0.5,
         tal_beta: float = 6.0,
         assign: str = "independent",
+        across_ranks: bool = True,
     ) -> None:
         info = (
             model_or_head_info
@@ -131,6 +134,7 @@ class DualDetectionLoss:
             if not value >= 0:
                 raise ValueError(f"loss weight {name} must be >= 0, got {value}")
         self.info = info
+        self.across_ranks = across_ranks
         self.weights = {"aux": aux_weight, "main": lead_weight}
         self.gains = {"box": box, "cls": cls, "dfl": dfl}
         self.assign_mode = assign
@@ -160,7 +164,7 @@ class DualDetectionLoss:
             [sums[n].norm for n in names] + [torch.full((), float(batch), device=targets.device)]
         )
         world = 1
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if self.across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             world = dist.get_world_size()
             dist.all_reduce(totals)
         global_batch = totals[-1]

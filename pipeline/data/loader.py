@@ -6,8 +6,10 @@ Which shards and samples each DataLoader worker of each rank reads, and how they
 
 Train: each worker streams its partition through a shuffle buffer of DECODED samples (mosaic partners are
 drawn from that buffer, so each image is decoded about once per pass) and restarts with a new shard order
-when it runs dry, so every rank yields exactly ``steps_per_epoch`` batches. Val: letterbox only, each
-sample exactly once over all ranks and workers.
+when it runs dry, so every rank yields exactly ``steps_per_epoch`` batches. The buffer is drained at the end
+of each pass before the next one is read: where a rank's share fills its batches exactly (shards that
+split evenly over the ranks), an epoch trains each image exactly once, also when a resize cut it.
+Val: letterbox only, each sample exactly once over all ranks and workers.
 
 Broken data never stops a run (``shard_stream.ErrorCounts``): workers send their running counts along with
 each batch; ``Loader.stats()`` sums the latest ones.
@@ -34,11 +36,11 @@ from pipeline.data.shard_stream import (
     DecodedSample,
     ErrorCounts,
     Partition,
-    buffered_shuffle,
     iter_samples,
     partition,
     partition_size,
     shard_order,
+    shuffled_passes,
 )
 
 log = logging.getLogger(__name__)
@@ -71,11 +73,12 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def train_samples(
+def train_passes(
     spec: _TrainSpec, worker: int, num_workers: int, errors: ErrorCounts
-) -> Iterator[DecodedSample]:
-    """Endless sample stream of one worker: pass 0 of its partition, then passes over new shard orders
-    (resampling). Raises DataError if a whole pass yields nothing decodable."""
+) -> Iterator[Iterator[DecodedSample]]:
+    """Endless passes of one worker, each a stream of samples: pass 0 over its partition, then passes over
+    new shard orders (resampling, for a rank whose share is smaller than its batches need). Raises
+    DataError, once a whole pass has been read, if it yielded nothing decodable."""
     everything = False
     for pass_index in itertools.count():
         order = shard_order(len(spec.urls), spec.seed, spec.epoch, pass_index)
@@ -84,11 +87,15 @@ def train_samples(
             if everything
             else partition(order, spec.rank, spec.world_size, worker, num_workers)
         )
-        produced = False
-        for sample in iter_samples(spec.urls, part, errors, spec.shard_sizes):
-            produced = True
-            yield sample
-        if not produced:
+        produced = [False]
+
+        def samples(part: Partition = part, produced: list[bool] = produced) -> Iterator[DecodedSample]:
+            for sample in iter_samples(spec.urls, part, errors, spec.shard_sizes):
+                produced[0] = True
+                yield sample
+
+        yield samples()
+        if not produced[0]:
             if everything or part.stride == 1:
                 raise DataError(
                     f"worker {worker} of rank {spec.rank} found no decodable sample in its shards "
@@ -165,7 +172,7 @@ class _TrainStream(IterableDataset):
         )
         # A buffer larger than one pass would only hold repeats of the same images.
         size = max(1, min(spec.shuffle_buffer, partition_size(first, spec.shard_sizes)))
-        samples = buffered_shuffle(train_samples(spec, worker, num_workers, errors), size, rng)
+        samples = shuffled_passes(train_passes(spec, worker, num_workers, errors), size, rng)
         for _ in range(_batch_quota(spec.steps, worker, num_workers)):
             batch, slots = _new_batch(spec.batch_size, spec.imgsz)
             boxes, classes, ids = [], [], []
@@ -256,6 +263,33 @@ class Loader:
     def stats(self) -> dict[str, int]:
         totals = [sum(c[i] for c in self._counts.values()) for i in range(2)]
         return {"corrupt_samples": totals[0], "shard_errors": totals[1]}
+
+
+class RanksLoader:
+    """The train loaders of several data ranks that one worker plays (an elastic run on fewer workers than
+    its data ranks): each step yields a list of one (images, targets) micro-batch per rank, in rank order.
+    ``set_epoch``, ``last_image_ids`` (all ranks' images), ``stats`` (summed) and ``len`` as ``Loader``."""
+
+    def __init__(self, loaders: list[Loader]) -> None:
+        self.loaders = loaders
+
+    def __iter__(self) -> Iterator[list[tuple[Any, Any]]]:
+        for batches in zip(*self.loaders, strict=True):
+            yield list(batches)
+
+    def set_epoch(self, epoch: int, mosaic: bool) -> None:
+        for loader in self.loaders:
+            loader.set_epoch(epoch, mosaic)
+
+    def last_image_ids(self) -> list[int]:
+        return [i for loader in self.loaders for i in loader.last_image_ids()]
+
+    def __len__(self) -> int:
+        return len(self.loaders[0])
+
+    def stats(self) -> dict[str, int]:
+        counts = [loader.stats() for loader in self.loaders]
+        return {k: sum(c[k] for c in counts) for k in counts[0]}
 
 
 def _dataloader(dataset: IterableDataset, num_workers: int, persistent: bool = False) -> DataLoader:

@@ -171,7 +171,9 @@ def tar_samples(url: str, handler: Callable[[Exception], bool]) -> Iterator[dict
 
 def buffered_shuffle(stream: Iterable[T], size: int, rng: np.random.Generator) -> Iterator[tuple[T, list[T]]]:
     """Each item of ``stream`` exactly once, in an order shuffled within a ``size``-item buffer, together
-    with the buffer's other contents (valid until the next item is requested; used for mosaic partners)."""
+    with the buffer's other contents (valid until the next item is requested; used for mosaic partners).
+    While the buffer drains at the end, the items drained before stand in for the ones that no longer come,
+    so the last items of a stream have as many partners as the others."""
     if size < 1:
         raise ValueError(f"shuffle buffer size must be >= 1, got {size}")
     buffer: list[T] = []
@@ -183,9 +185,20 @@ def buffered_shuffle(stream: Iterable[T], size: int, rng: np.random.Generator) -
         out, buffer[j] = buffer[j], item
         yield out, buffer
     rng.shuffle(buffer)
+    drained: list[T] = []
     while buffer:
         out = buffer.pop()
-        yield out, buffer
+        yield out, buffer + drained
+        drained.append(out)
+
+
+def shuffled_passes(
+    passes: Iterable[Iterable[T]], size: int, rng: np.random.Generator
+) -> Iterator[tuple[T, list[T]]]:
+    """``buffered_shuffle`` of each pass in turn: a pass's items all come before any of the next pass's, so
+    an epoch that takes one pass's worth of items takes each of them exactly once."""
+    for one_pass in passes:
+        yield from buffered_shuffle(one_pass, size, rng)
 
 
 def shard_order(num_shards: int, seed: int, epoch: int, pass_index: int) -> list[int]:

@@ -165,12 +165,11 @@ def concurrent_trials(cfg: Config) -> int:
     trial fits, rather than waiting forever.
     """
     available = ray.cluster_resources()
-    per_trial_cpu = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    workers = cfg.ray.min_workers  # an elastic trial starts on its smallest group
+    per_trial_cpu = workers * cfg.ray.cpus_per_worker
     fits = math.floor(available.get("CPU", 0) / per_trial_cpu)
     if cfg.ray.use_gpu:
-        fits = min(
-            fits, math.floor(available.get("GPU", 0) / (cfg.ray.num_workers * cfg.ray.gpus_per_worker))
-        )
+        fits = min(fits, math.floor(available.get("GPU", 0) / (workers * cfg.ray.gpus_per_worker)))
     wanted = cfg.tune.max_concurrent_trials
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
         if fits < wanted:
@@ -181,7 +180,7 @@ def concurrent_trials(cfg: Config) -> int:
         return wanted
     if fits < 1:
         raise SearchError(
-            f"one trial needs {cfg.ray.num_workers} workers x {cfg.ray.cpus_per_worker} CPU"
+            f"one trial needs {workers} workers x {cfg.ray.cpus_per_worker} CPU"
             f"{' + GPUs' if cfg.ray.use_gpu else ''}, more than the local Ray instance has ({available}); "
             "on a cluster that scales, give its address (ray.address or RAY_ADDRESS)"
         )

@@ -17,7 +17,7 @@ from torch import nn
 
 from pipeline import names
 from pipeline.config import nms_settings
-from pipeline.data.loader import Loader, make_train_loader, make_val_loader
+from pipeline.data.loader import Loader, RanksLoader, make_train_loader, make_val_loader
 from pipeline.evaluation.evaluate import evaluate_distributed
 from pipeline.training.pgi_diagnostics import pgi_diagnostics
 from pipeline.training.preemption import StopRequested
@@ -64,6 +64,7 @@ def run_epoch(
     elapsed = max(stats.elapsed_s, 1e-9)
     metrics[names.TRAIN_LR] = state.optimizer.param_groups[1]["lr"]
     metrics[names.IMAGES_PER_S] = stats.images * state.world / elapsed
+    metrics[names.WORLD_SIZE] = float(state.world)
     metrics[names.LOADER_WAIT] = stats.loader_wait_s / elapsed
     metrics[names.MOSAIC] = float(mosaic)
     metrics[names.SKIPPED_STEPS] = float(stats.skipped_steps)  # the same on every rank
@@ -91,25 +92,30 @@ def run_epoch(
     return metrics
 
 
-def train_loader(state: TrainState, mosaic: bool) -> Loader:
+def train_loader(state: TrainState, mosaic: bool) -> Loader | RanksLoader:
     """The run's train loader set to ``state.epoch``: made on the first call, so that its DataLoader
-    workers (and their decoded shuffle buffers' processes) are started once per run, not once per epoch."""
+    workers (and their decoded shuffle buffers' processes) are started once per run, not once per epoch.
+    A worker playing several data ranks (``state.ranks``) gets one loader per rank, zipped."""
     cfg = state.cfg
     if state.train_loader is None:
-        state.train_loader = make_train_loader(
-            state.data.train,
-            batch_size=cfg.train.batch_size,
-            imgsz=cfg.train.imgsz,
-            rank=state.rank,
-            world_size=state.world,
-            num_workers=cfg.data.num_workers,
-            epoch=state.epoch,
-            seed=cfg.train.seed,
-            augment=cfg.data.augment,
-            mosaic=mosaic,
-            steps_per_epoch=state.steps_per_epoch,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-        )
+        loaders = [
+            make_train_loader(
+                state.data.train,
+                batch_size=cfg.train.batch_size,
+                imgsz=cfg.train.imgsz,
+                rank=rank,
+                world_size=state.data_world,
+                num_workers=cfg.data.num_workers,
+                epoch=state.epoch,
+                seed=cfg.train.seed,
+                augment=cfg.data.augment,
+                mosaic=mosaic,
+                steps_per_epoch=state.steps_per_epoch,
+                shuffle_buffer=cfg.data.shuffle_buffer,
+            )
+            for rank in state.ranks
+        ]
+        state.train_loader = loaders[0] if len(loaders) == 1 else RanksLoader(loaders)
     state.train_loader.set_epoch(state.epoch, mosaic)
     return state.train_loader
 

@@ -85,8 +85,8 @@ def epoch_summary(metrics: dict[str, float], epochs: int, eta_s: float) -> str:
         f"epoch {int(metrics[names.EPOCH])}/{epochs} {losses} "
         f"mAP50-95={metrics.get(names.MAP, float('nan')):.4f} "
         f"mAP50={metrics.get(names.MAP50, float('nan')):.4f} "
-        f"{metrics[names.IMAGES_PER_S]:.1f} img/s loader-wait={metrics[names.LOADER_WAIT]:.0%} "
-        f"ETA {eta_s / 60:.1f} min"
+        f"{metrics[names.IMAGES_PER_S]:.1f} img/s{workers(metrics)} "
+        f"loader-wait={metrics[names.LOADER_WAIT]:.0%} ETA {eta_s / 60:.1f} min"
     )
     skipped = {k: int(v) for k, v in metrics.items() if k.startswith(names.DATA_PREFIX) and v}
     if skipped:
@@ -94,6 +94,12 @@ def epoch_summary(metrics: dict[str, float], epochs: int, eta_s: float) -> str:
             f"\nepoch {int(metrics[names.EPOCH])}: skipped unreadable data {skipped} (see the worker logs)"
         )
     return line
+
+
+def workers(metrics: dict[str, float]) -> str:
+    """The epoch line's ``on N workers`` for an epoch a Ray worker group trained (elastic ones resize)."""
+    size = metrics.get(names.WORLD_SIZE)
+    return "" if size is None else f" on {int(size)} worker{'s' if size != 1 else ''}"
 
 
 def progress_hook(every_s: float, stream: TextIO | None = None) -> ProgressLog | ProgressBar:

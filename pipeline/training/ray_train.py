@@ -150,20 +150,25 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, str] | None:
     context = ray.train.get_context()
     storage = context.get_storage()  # a DeveloperAPI: the run's folder on its file system, for the resume
     device = ray.train.torch.get_device()
+    resume = resume_checkpoint(
+        ray.train.get_checkpoint(), storage.storage_filesystem, storage.experiment_fs_path, device
+    )
+    world = context.get_world_size()
     state = build_train_state(
         cfg,
         TrainingData.read(cfg.data.root, cfg.data.allow_pipe),
         device,
         rank=context.get_world_rank(),
-        world=context.get_world_size(),
-        resume=resume_checkpoint(
-            ray.train.get_checkpoint(), storage.storage_filesystem, storage.experiment_fs_path, device
-        ),
+        world=world,
+        resume=resume,
         # gradients as views into DDP's all-reduce buckets: no copy in and out of the buckets per step
         wrap=lambda model: ray.train.torch.prepare_model(
             model, move_to_device=False, parallel_strategy_kwargs={"gradient_as_bucket_view": True}
         ),
+        data_world=cfg.ray.max_workers if cfg.ray.elastic else world,
     )
+    if state.rank == 0 and resume is not None and resume.world_size and resume.world_size != world:
+        log.warning("%s", resize_line(resume, state))
     hooks = [*loop_config.get("step_hooks", []), ProgressLog(cfg.train.progress_every_s)]
     try:
         with training():
@@ -174,6 +179,17 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, str] | None:
         log.error("%s", e)
         return {names.STOP_CAUSE: str(e)}
     return None
+
+
+def resize_line(resume: TrainingCheckpoint, state: TrainState) -> str:
+    """The one line an elastic run logs when it goes on with another number of workers than it saved with.
+    Ray Train shrinks a group only after losing a worker, and grows it when its resize check finds room."""
+    before, now = resume.world_size, state.world
+    reason = "a worker was lost" if now < before else "room for more workers appeared"
+    return (
+        f"resized from {before} to {now} workers ({reason}): going on from epoch {resume.epoch + 1}, step "
+        f"{resume.step}, each worker playing {len(state.ranks)} of the {state.data_world} data ranks"
+    )
 
 
 def run_checkpoints(fs: pyarrow.fs.FileSystem, run_folder: str) -> list[str]:
@@ -280,7 +296,8 @@ def fit(
     callbacks: list[ray.train.UserCallback] | None = None,
     tracking_drain_s: float = 0.0,
 ) -> ray.train.Result:
-    """Run ``train_worker`` on ``cfg.ray.num_workers`` Ray Train workers; resumes a run of the same name.
+    """Run ``train_worker`` on ``cfg.ray.num_workers`` Ray Train workers (a range: an elastic group that
+    Ray Train restarts at the size that fits, from the latest checkpoint); resumes a run of the same name.
     Raises TrainingDiverged with the workers' one-line cause when the model diverged.
 
     ``tracking`` is (MLflow tracking URI, run id) for per-epoch metrics, each report waiting up to
@@ -301,10 +318,11 @@ def fit(
         train_loop_config={"config": cfg.to_dict(), **(loop_extras or {})},
         torch_config=PreemptibleTorchConfig(),
         scaling_config=ScalingConfig(
-            num_workers=cfg.ray.num_workers,
+            num_workers=tuple(cfg.ray.num_workers) if cfg.ray.elastic else cfg.ray.num_workers,
             use_gpu=cfg.ray.use_gpu,
             resources_per_worker=resources,
             placement_strategy=cfg.ray.placement_strategy,
+            elastic_resize_monitor_interval_s=cfg.ray.resize_check_s,
         ),
         run_config=RunConfig(
             name=cfg.ray.run_name,

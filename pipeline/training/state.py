@@ -16,7 +16,7 @@ from torch import nn
 from pipeline.checkpoint import TrainingCheckpoint
 from pipeline.config import Config, TrainConfig
 from pipeline.data import Manifest
-from pipeline.data.loader import Loader
+from pipeline.data.loader import Loader, RanksLoader
 from pipeline.data.manifest import coco_json_path, read_splits
 from pipeline.training.ema import ModelEMA, unwrap
 from pipeline.training.optimizer import Schedule, build_sgd, images_per_step, linear_scale
@@ -68,11 +68,17 @@ class TrainState:
     amp: torch.dtype | None
     rank: int = 0
     world: int = 1
+    # The data ranks this worker plays, of ``data_world``: the ranks the data, the steps and the schedule are
+    # laid out for. A fixed run plays its own rank of ``world``; an elastic run's are those of its largest
+    # group, shared out over the workers it has now, so that a resize changes speed, not what a step holds.
+    ranks: tuple[int, ...] = (0,)
+    data_world: int = 1
     epoch: int = 0
     step: int = 0
     best_map: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
-    train_loader: Loader | None = field(default=None, repr=False)  # made by the first epoch, kept for the run
+    # made by the first epoch, kept for the run
+    train_loader: Loader | RanksLoader | None = field(default=None, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -80,8 +86,8 @@ class TrainState:
 
     @property
     def global_batch(self) -> int:
-        """Images per micro-batch step over all workers."""
-        return self.cfg.train.batch_size * self.world
+        """Images per micro-batch step over all data ranks."""
+        return self.cfg.train.batch_size * self.data_world
 
     @property
     def steps_per_epoch(self) -> int:
@@ -105,6 +111,7 @@ class TrainState:
             val_manifest_hash=self.data.val.manifest_hash,
             history=list(self.history),
             metrics=dict(metrics),
+            world_size=self.world,
         )
 
 
@@ -117,18 +124,26 @@ def build_train_state(
     world: int = 1,
     resume: TrainingCheckpoint | None = None,
     wrap: Callable[[nn.Module], nn.Module] | None = None,
+    data_world: int | None = None,
 ) -> TrainState:
     """A fresh run of ``cfg`` on ``device``, or the run ``resume`` saved, for worker ``rank`` of ``world``.
+
+    ``data_world`` (default ``world``): the data ranks the run is laid out for; worker ``rank`` plays
+    ranks ``rank, rank + world, ...`` of them, one micro-batch each per step (an elastic run on fewer
+    workers than its largest group). Its loss is then computed per micro-batch, as accumulation does.
 
     A fresh run starts from ``model.weights`` when set (a local path: URIs are resolved on the driver).
     The weights are set (seeded, pretrained or resumed) before ``wrap`` is applied, because DDP broadcasts
     rank 0's weights when it wraps the model. ``model.freeze`` applies to both.
     """
+    data_world = data_world or world
+    if not 1 <= world <= data_world:
+        raise ValueError(f"{world} workers cannot play {data_world} data ranks")
     torch.manual_seed(cfg.train.seed + rank)
     num_classes = cfg.model.num_classes or data.train.num_classes
     model = _model(cfg, num_classes, device, rank, world, fresh=resume is None)
     ema = ModelEMA(model, cfg.train.ema_decay, cfg.train.ema_tau)
-    optimizer, schedule = _optimizer_and_schedule(model, cfg.train, world, rank, data.train.num_samples)
+    optimizer, schedule = _optimizer_and_schedule(model, cfg.train, data_world, rank, data.train.num_samples)
     amp = amp_dtype(cfg.train.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     state = TrainState(
@@ -139,11 +154,14 @@ def build_train_state(
         optimizer=optimizer,
         scaler=scaler,
         schedule=schedule,
-        loss_fn=DualDetectionLoss(model, **cfg.loss.__dict__),
+        # an elastic run's workers may hold different numbers of micro-batches: no collective in the loss
+        loss_fn=DualDetectionLoss(model, **cfg.loss.__dict__, across_ranks=not cfg.ray.elastic),
         device=device,
         amp=amp,
         rank=rank,
         world=world,
+        ranks=tuple(range(rank, data_world, world)),
+        data_world=data_world,
     )
     if resume is not None:
         restore(state, resume)

@@ -112,7 +112,8 @@ def train_one_epoch(
     batch_ids: Callable[[], Sequence[int]] | None = None,
 ) -> EpochStats:
     """Train ``state`` on the ``state.steps_per_epoch`` batches of ``loader`` (uint8 images (B, 3, S, S),
-    targets (M, 6) [index in batch, class, x1, y1, x2, y2] pixels); ``state.step`` advances by one a batch.
+    targets (M, 6) [index in batch, class, x1, y1, x2, y2] pixels; or a list of such, one per data rank
+    the worker plays: ``RanksLoader``); ``state.step`` advances by one a batch.
     The epoch counter is the caller's. Calls each hook after every step.
 
     A state saved mid-epoch (``state.step`` past the epoch's first step) resumes at its batch: the loader's
@@ -128,7 +129,7 @@ def train_one_epoch(
     tally = EpochTally()
     last_optimizer_step = state.step
     start = fetch_start = time.perf_counter()
-    for i, (images, targets) in enumerate(loader if first < steps else ()):
+    for i, batch in enumerate(loader if first < steps else ()):
         if i < first:
             fetch_start = time.perf_counter()
             continue
@@ -136,7 +137,8 @@ def train_one_epoch(
         state.schedule.apply(state.optimizer, state.epoch, state.step)
         accumulate = state.schedule.accumulate_at(state.step, cfg.nominal_batch, state.global_batch)
         boundary = state.step + 1 - last_optimizer_step >= accumulate or i == steps - 1
-        loss, parts = forward_backward(state, images, targets, boundary, bn)
+        micro_batches = batch if isinstance(batch, list) else [batch]
+        loss, parts = forward_backward(state, micro_batches, boundary, bn)
         grad_norm = unscale_and_clip(state) if boundary else None
         verdict = agree_on_step(state, loss, grad_norm)
         where = f"epoch {state.epoch + 1}, step {state.step}"
@@ -155,7 +157,7 @@ def train_one_epoch(
                 tally.count_outcome(outcome, guard, where)
             tally.add_losses(loss, parts)
         state.step += 1
-        tally.images += images.shape[0]
+        tally.images += sum(images.shape[0] for images, _ in micro_batches)
         event = tally.event(state, i, time.perf_counter() - start)
         for hook in hooks:
             hook(state, event)
@@ -173,21 +175,39 @@ def resume_position(state: TrainState) -> int:
 
 
 def forward_backward(
-    state: TrainState, images: torch.Tensor, targets: torch.Tensor, boundary: bool, bn: BatchNormSnapshot
+    state: TrainState,
+    micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    boundary: bool,
+    bn: BatchNormSnapshot,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Forward (autocast), the dual loss and its backward for one batch; returns (loss, parts) on the
-    device. Between accumulation boundaries DDP keeps gradients local: one all-reduce per optimizer step,
-    not per batch. Every rank runs the backward, even of a non-finite loss (the step drops it after)."""
+    """Forward (autocast), the dual loss and its backward for the step's batch of each data rank this
+    worker plays (one, unless an elastic run is on fewer workers than its data ranks); returns the mean
+    (loss, parts) over them, on the device. Between accumulation boundaries DDP keeps gradients local: one
+    all-reduce per optimizer step, with the last batch's backward. Every rank runs the backward, even of a
+    non-finite loss (the step drops it after)."""
     model = state.model
-    images = images.to(state.device, non_blocking=True, memory_format=torch.channels_last).float() / 255
-    # targets stay on the CPU: the loss checks their values there and copies them without blocking
-    sync = nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
+    # a loss computed per micro-batch (across_ranks off) is one process's: DDP's gradient average over
+    # the workers is turned back into their sum here, as the loss does itself when it spans the ranks
+    scale = state.world if state.world > 1 and not state.loss_fn.across_ranks else 1
     bn.save()
-    with sync:
-        with torch.autocast(state.device.type, dtype=state.amp, enabled=state.amp is not None):
-            loss, parts = state.loss_fn(model(images), targets)
-        state.scaler.scale(loss).backward()
-    return loss, parts
+    results = []
+    for j, (images, targets) in enumerate(micro_batches):
+        images = images.to(state.device, non_blocking=True, memory_format=torch.channels_last).float() / 255
+        # targets stay on the CPU: the loss checks their values there and copies them without blocking
+        last = boundary and j == len(micro_batches) - 1
+        sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with torch.autocast(state.device.type, dtype=state.amp, enabled=state.amp is not None):
+                loss, parts = state.loss_fn(model(images), targets)
+            state.scaler.scale(loss * scale if scale != 1 else loss).backward()
+        results.append((loss, parts))
+    if len(results) == 1:
+        return results[0]
+    n = len(results)
+    return (
+        sum(r[0] for r in results) / n,
+        {k: sum(r[1][k] for r in results) / n for k in results[0][1]},
+    )
 
 
 @dataclass(frozen=True)
