@@ -983,12 +983,26 @@ def _gpus(group: dict) -> int:
     return int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
 
 
-def test_raycluster_autoscales_8_gpu_workers_by_default_and_1_gpu_workers_as_a_variant() -> None:
+def test_raycluster_autoscales_8_gpu_workers_by_default_and_1_gpu_workers_as_variants() -> None:
     spec = _by_kind(STACK, "RayCluster")["yolov9"]["spec"]
     assert spec["enableInTreeAutoscaling"] is True
     groups = spec["workerGroupSpecs"]
-    assert [_gpus(g) for g in groups] == [8, 1]  # the first group is the default the docs size
+    assert [_gpus(g) for g in groups] == [8, 1, 1]  # the first group is the default the docs size
     assert all(g["minReplicas"] == 0 < g["maxReplicas"] for g in groups)
+
+
+def test_the_spot_group_holds_the_elastic_coco_run_and_tolerates_spot_nodes() -> None:
+    from pipeline.config import load_config
+
+    cfg = load_config(ROOT / "jobs" / "configs" / "coco-yolov9-c.yaml")
+    assert cfg.ray.elastic and cfg.ray.max_failures == -1
+    (spot,) = [g for g in _by_kind(STACK, "RayCluster")["yolov9"]["spec"]["workerGroupSpecs"]
+               if g["groupName"] == "gpu-spot"]  # fmt: skip
+    pod = spot["template"]["spec"]
+    assert _gpus(spot) == 1 and spot["maxReplicas"] >= cfg.ray.max_workers
+    assert int(pod["containers"][0]["resources"]["limits"]["cpu"]) >= cfg.ray.cpus_per_worker
+    assert any("spot" in t["key"] for t in pod["tolerations"])
+    assert any("spot" in k for k in pod["nodeSelector"])
 
 
 def test_cpu_component_leaves_one_cpu_worker_group() -> None:
