@@ -36,6 +36,7 @@ TRAIN_TOTAL = "train/total"
 TRAIN_LR = "train/lr"
 IMAGES_PER_S = "train/images_per_s"
 WORLD_SIZE = "train/world_size"  # workers that trained the epoch (at its end; elastic runs resize)
+RESIZED_FROM = "train/resized_from"  # logged at the first epoch after a resize: the workers before it
 LOADER_WAIT = "train/loader_wait_fraction"
 MOSAIC = "train/mosaic"
 HP_AUX_WEIGHT = "hp/aux_weight"

@@ -65,6 +65,8 @@ def run_epoch(
     metrics[names.TRAIN_LR] = state.optimizer.param_groups[1]["lr"]
     metrics[names.IMAGES_PER_S] = stats.images * state.world / elapsed
     metrics[names.WORLD_SIZE] = float(state.world)
+    if state.resized_from is not None:
+        metrics[names.RESIZED_FROM], state.resized_from = float(state.resized_from), None
     metrics[names.LOADER_WAIT] = stats.loader_wait_s / elapsed
     metrics[names.MOSAIC] = float(mosaic)
     metrics[names.SKIPPED_STEPS] = float(stats.skipped_steps)  # the same on every rank

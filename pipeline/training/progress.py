@@ -97,9 +97,22 @@ def epoch_summary(metrics: dict[str, float], epochs: int, eta_s: float) -> str:
 
 
 def workers(metrics: dict[str, float]) -> str:
-    """The epoch line's ``on N workers`` for an epoch a Ray worker group trained (elastic ones resize)."""
+    """The epoch line's ``on N workers`` for an epoch a Ray worker group trained, with the resize that
+    happened in it (elastic runs)."""
     size = metrics.get(names.WORLD_SIZE)
-    return "" if size is None else f" on {int(size)} worker{'s' if size != 1 else ''}"
+    if size is None:
+        return ""
+    text = f" on {int(size)} worker{'s' if size != 1 else ''}"
+    before = metrics.get(names.RESIZED_FROM)
+    if before is not None:
+        text += f" (resized from {int(before)}: {resize_reason(int(before), int(size))})"
+    return text
+
+
+def resize_reason(before: int, now: int) -> str:
+    """Why an elastic group changed size: Ray Train shrinks one only after losing a worker, and grows it
+    when its resize check finds room."""
+    return "a worker was lost" if now < before else "room for more workers appeared"
 
 
 def progress_hook(every_s: float, stream: TextIO | None = None) -> ProgressLog | ProgressBar:

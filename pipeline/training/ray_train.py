@@ -51,6 +51,7 @@ from pipeline.training import (
 )
 from pipeline.training.artifacts import write_epoch_artifacts
 from pipeline.training.preemption import install_sigterm_handler, training
+from pipeline.training.progress import resize_reason
 from pipeline.training.run_callbacks import EpochPrinter, MlflowEpochLogger
 
 log = logging.getLogger(__name__)
@@ -167,8 +168,10 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, str] | None:
         ),
         data_world=cfg.ray.max_workers if cfg.ray.elastic else world,
     )
-    if state.rank == 0 and resume is not None and resume.world_size and resume.world_size != world:
-        log.warning("%s", resize_line(resume, state))
+    if resume is not None and resume.world_size and resume.world_size != world:
+        state.resized_from = resume.world_size
+        if state.rank == 0:
+            log.warning("%s", resize_line(resume, state))
     hooks = [*loop_config.get("step_hooks", []), ProgressLog(cfg.train.progress_every_s)]
     try:
         with training():
@@ -182,10 +185,9 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, str] | None:
 
 
 def resize_line(resume: TrainingCheckpoint, state: TrainState) -> str:
-    """The one line an elastic run logs when it goes on with another number of workers than it saved with.
-    Ray Train shrinks a group only after losing a worker, and grows it when its resize check finds room."""
+    """The one line an elastic run logs when it goes on with another number of workers than it saved with."""
     before, now = resume.world_size, state.world
-    reason = "a worker was lost" if now < before else "room for more workers appeared"
+    reason = resize_reason(before, now)
     return (
         f"resized from {before} to {now} workers ({reason}): going on from epoch {resume.epoch + 1}, step "
         f"{resume.step}, each worker playing {len(state.ranks)} of the {state.data_world} data ranks"

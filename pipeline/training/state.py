@@ -73,6 +73,7 @@ class TrainState:
     # group, shared out over the workers it has now, so that a resize changes speed, not what a step holds.
     ranks: tuple[int, ...] = (0,)
     data_world: int = 1
+    resized_from: int | None = None  # workers of the checkpoint resumed when not ``world``, until reported
     epoch: int = 0
     step: int = 0
     best_map: float = 0.0
@@ -137,8 +138,7 @@ def build_train_state(
     rank 0's weights when it wraps the model. ``model.freeze`` applies to both.
     """
     data_world = data_world or world
-    if not 1 <= world <= data_world:
-        raise ValueError(f"{world} workers cannot play {data_world} data ranks")
+    ranks = data_ranks(rank, world, data_world)
     torch.manual_seed(cfg.train.seed + rank)
     num_classes = cfg.model.num_classes or data.train.num_classes
     model = _model(cfg, num_classes, device, rank, world, fresh=resume is None)
@@ -160,7 +160,7 @@ def build_train_state(
         amp=amp,
         rank=rank,
         world=world,
-        ranks=tuple(range(rank, data_world, world)),
+        ranks=ranks,
         data_world=data_world,
     )
     if resume is not None:
@@ -173,6 +173,13 @@ def build_train_state(
     if cfg.train.compile:
         compile_for_training(state)
     return state
+
+
+def data_ranks(rank: int, world: int, data_world: int) -> tuple[int, ...]:
+    """The data ranks worker ``rank`` of ``world`` plays when the run is laid out for ``data_world``."""
+    if not 1 <= world <= data_world:
+        raise ValueError(f"{world} workers cannot play {data_world} data ranks")
+    return tuple(range(rank, data_world, world))
 
 
 def _model(

@@ -13,11 +13,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from pipeline import names
 from pipeline.config import load_config
 from pipeline.data.loader import RanksLoader, make_train_loader
 from pipeline.data.manifest import read_splits
 from pipeline.training import TrainingData, build_train_state, train_one_epoch
 from pipeline.training.ema import unwrap
+from pipeline.training.progress import epoch_summary
+from pipeline.training.state import data_ranks
 from tests.conftest import free_port
 from tests.training.test_step_equivalence import fixed_batches
 
@@ -72,22 +75,19 @@ def two_workers(rank: int, shards: str, port: int, out: dict) -> None:
     dist.destroy_process_group()
 
 
-def test_a_worker_plays_the_data_ranks_of_the_workers_it_lacks(tiny_shards):
-    cfg, data = elastic_config(tiny_shards), TrainingData.read(str(tiny_shards))
-    alone = build_train_state(cfg, data, CPU, rank=0, world=1, data_world=2)
-    assert alone.ranks == (0, 1) and alone.global_batch == BATCH * 2
-    second_of_three = build_train_state(cfg, data, CPU, rank=1, world=3, data_world=4)
-    assert second_of_three.ranks == (1,)
-    first_of_three = build_train_state(cfg, data, CPU, rank=0, world=3, data_world=4)
-    assert first_of_three.ranks == (0, 3)
+def test_a_worker_plays_the_data_ranks_of_the_workers_it_lacks():
+    assert data_ranks(0, 1, 2) == (0, 1)
+    assert [data_ranks(r, 3, 4) for r in range(3)] == [(0, 3), (1,), (2,)]
+    assert data_ranks(1, 2, 2) == (1,)
     with pytest.raises(ValueError, match="3 workers cannot play 2 data ranks"):
-        build_train_state(cfg, data, CPU, rank=0, world=3, data_world=2)
+        data_ranks(0, 3, 2)
 
 
 def test_a_step_schedule_and_epoch_do_not_depend_on_the_workers_present(tiny_shards):
     cfg, data = elastic_config(tiny_shards), TrainingData.read(str(tiny_shards))
     alone = build_train_state(cfg, data, CPU, rank=0, world=1, data_world=2)
     full = build_train_state(cfg, data, CPU, rank=0, world=2, data_world=2)
+    assert alone.ranks == (0, 1) and alone.global_batch == full.global_batch == BATCH * 2
     assert alone.schedule == full.schedule
     assert [g["weight_decay"] for g in alone.optimizer.param_groups] == [
         g["weight_decay"] for g in full.optimizer.param_groups
@@ -140,3 +140,13 @@ def test_an_epoch_cut_by_a_resize_sees_each_image_once(tiny_shards):
 
     assert len(seen) == train.num_samples == 48
     assert sorted(seen) == sorted(set(seen))
+
+
+def test_the_epoch_line_names_the_workers_and_a_resize_with_its_reason():
+    epoch = {names.EPOCH: 3, names.MAP: 0.5, names.MAP50: 0.7, names.IMAGES_PER_S: 40.0}
+    epoch[names.LOADER_WAIT] = 0.0
+    assert " img/s on 2 workers loader-wait" in epoch_summary({**epoch, names.WORLD_SIZE: 2.0}, 8, 60)
+    shrunk = epoch_summary({**epoch, names.WORLD_SIZE: 1.0, names.RESIZED_FROM: 2.0}, 8, 60)
+    assert "on 1 worker (resized from 2: a worker was lost)" in shrunk
+    grown = epoch_summary({**epoch, names.WORLD_SIZE: 2.0, names.RESIZED_FROM: 1.0}, 8, 60)
+    assert "on 2 workers (resized from 1: room for more workers appeared)" in grown

@@ -163,10 +163,15 @@ def test_an_elastic_run_shrinks_on_a_lost_node_grows_back_and_trains_each_image_
     assert "error" not in outcome, outcome.get("error")
 
     summary = outcome["summary"]
-    sizes = [m.value for m in sorted(
-        MlflowClient(summary.mlflow_uri).get_metric_history(summary.mlflow_run_id, "train/world_size"),
-        key=lambda m: m.step)]  # fmt: skip
+    client = MlflowClient(summary.mlflow_uri)
+
+    def history(key: str) -> list[float]:
+        metrics = client.get_metric_history(summary.mlflow_run_id, key)
+        return [m.value for m in sorted(metrics, key=lambda m: m.step)]
+
+    sizes = history("train/world_size")
     assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2, sizes
+    assert history("train/resized_from") == [2, 1]  # each resize logged once, at the epoch it happened in
     grown_at = next(r["t"] for r in records(ids) if r["world"] == 2 and r["t"] > back_at)
     lost_s, back_s = resumed_at - lost_at, grown_at - back_at
     print(f"world sizes per epoch {sizes}; {lost_s:.1f} s from the node's loss to the first step on one "
