@@ -255,7 +255,8 @@ def train_run_line(root: Path, args: argparse.Namespace, device: torch.device) -
         from ray.train.torch import TorchTrainer
 
         if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=False)
+            # a new local instance: never one named by a stale /tmp/ray/ray_current_cluster
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
         trainer = TorchTrainer(
             one_epoch,
             train_loop_config={**config, "ray": True},

@@ -136,5 +136,6 @@ def test_a_search_starts_on_a_cluster_with_no_workers_and_the_autoscaler_adds_th
     rows = run_search(cfg)
 
     assert sorted(r.status for r in rows) == ["completed", "completed"]
-    workers = [n for n in ray.nodes() if n["Resources"].get("CPU", 0) > 0]
-    assert workers, "the autoscaler added no worker node"
+    # every node the cluster had, alive or gone: the autoscaler drops idle workers after 6 s, which the end
+    # of a search on a busy machine can outlast (seen in the suite)
+    assert len(ray.nodes()) > 1, "the autoscaler added no worker node"

@@ -25,7 +25,9 @@ def another_ray_instance(tmp_path):
     asked the state API for "the" local instance, found two and died with a traceback in the job's log
     (pipeline.training.ray_train.start_local_ray)."""
     script = (
-        "import ray, time; ray.init(_node_ip_address='127.0.0.1', include_dashboard=False); "
+        # address="local": without it ray.init joins the cluster that /tmp/ray/ray_current_cluster
+        # names, which a `ray start --head` elsewhere (or a dead one's stale file) leaves, and waits on it
+        "import ray, time; ray.init(address='local', _node_ip_address='127.0.0.1', include_dashboard=False); "
         "print('up', flush=True); time.sleep(600)"
     )
     log = tmp_path / "other-ray.log"
