@@ -161,6 +161,10 @@ def one_seed(seed: int, lose_at: int, back_after: int, overrides: list[str], fol
                 *overrides,
             ],
         )
+        if lose_at + back_after >= cfg.train.epochs:
+            raise SystemExit(
+                f"--lose-at {lose_at} + --back-after {back_after}: no epoch of {cfg.train.epochs} to grow in"
+            )
         os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "30"
         outcome: dict = {}
         started = time.time()
