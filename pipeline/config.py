@@ -201,7 +201,8 @@ def _convert(value: Any, annotation: Any, key: str, where: str) -> Any:
                 return _convert(value, option, key, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0])
+        # a list given for an `int | list[int]` key: the list's own error (its bad item) says more
+        raise ConfigError(errors[-1] if isinstance(value, list) else errors[0])
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")

@@ -1,6 +1,7 @@
 """Experiment configuration: typed sections, overrides, and errors that name the file and the key."""
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,17 @@ def test_a_relative_path_is_resolved_against_the_current_folder_and_logged(tmp_p
     assert [r.getMessage() for r in caplog.records] == [
         f"data.root shards/coco is a relative path: using {tmp_path / 'shards' / 'coco'}"
     ]
+
+
+def test_an_elastic_worker_range_is_read_and_a_bad_one_is_named():
+    cfg = load_config(None, ["ray.num_workers=[1, 2]"])
+    assert (cfg.ray.elastic, cfg.ray.min_workers, cfg.ray.max_workers) == (True, 1, 2)
+    assert not load_config(None, ["ray.num_workers=3"]).ray.elastic
+    for bad, said in [
+        ("[2, 1]", "MIN <= MAX"),
+        ("[1, 2, 3]", "a range [MIN, MAX] of two integers"),
+        ("[0, 2]", "must be >= 1"),
+        ("[a, 2]", "must be an integer, got 'a'"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            load_config(None, [f"ray.num_workers={bad}"])
