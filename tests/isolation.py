@@ -6,7 +6,10 @@ server coming up) is spent on another test's work.
 
 Modules marked `process_group(name)` share one process, and so one Ray instance (`local_ray` is
 session-scoped), one after the other: a Ray instance and a pytest process cost about 10 CPU-seconds to
-start. Only the searches share one (test_tune, test_study). A module that needs an instance set up its own
+start. The searches share one (test_tune, test_study). The group `beside-main` holds in-process tests
+that need no Ray (test_jobs_cli, test_reference_checkpoint, test_prune, test_infra: half the inner loop's
+CPU time): every test process computes on one thread, so without it the inner loop (`-m "not slow"`,
+where almost no module runs apart) kept the second core idle. A module that needs an instance set up its own
 way (an environment its Ray workers must inherit) or a cluster of its own stays unmarked, and so do the
 fault-injection trainings: grouped with test_train and test_faults, test_preemption's first Ray Train run
 never started (killed after 20 min), the failure test_preemption's and test_tracking_outage's docstrings

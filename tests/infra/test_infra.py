@@ -28,6 +28,8 @@ import jsonschema
 import pytest
 import yaml
 
+pytestmark = [pytest.mark.own_process, pytest.mark.process_group("beside-main"), pytest.mark.cost(12)]
+
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
 DOCKERFILE = INFRA / "docker" / "Dockerfile"

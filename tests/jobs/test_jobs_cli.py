@@ -10,6 +10,8 @@ import pytest
 from jobs.cli import USER_ERROR_EXIT
 from tests.conftest import free_port
 
+pytestmark = [pytest.mark.own_process, pytest.mark.process_group("beside-main"), pytest.mark.cost(45)]
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -9,6 +9,8 @@ from yolov9.blocks import CBFuse, CBLinear, RepConvN
 from yolov9.head import DDetect, DualDDetect
 from yolov9.profile import gflops
 
+pytestmark = [pytest.mark.own_process, pytest.mark.process_group("beside-main"), pytest.mark.cost(20)]
+
 # Reference figures: the pruned model equals gelan-* fused, nc = 80, GFLOPs at 640x640.
 PRUNED = {
     "yolov9-t": (2_407_632, 9.82),

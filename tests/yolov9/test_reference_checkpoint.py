@@ -26,6 +26,8 @@ from yolov9.model import CONFIG_DIR
 from yolov9.reference import ReferenceLayoutError
 from yolov9.safe_unpickle import CheckpointFormatError, UnsafeCheckpointError, load_inert
 
+pytestmark = [pytest.mark.own_process, pytest.mark.process_group("beside-main"), pytest.mark.cost(30)]
+
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "reference-checkpoints"
 REFERENCE_FILES = {"yolov9-t.pt": ("yolov9-t", 80), "gelan-t-nc3.pt": ("gelan-t", 3)}
 
