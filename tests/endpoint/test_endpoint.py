@@ -24,7 +24,7 @@ from pipeline.registry.register import register_reference
 from tests.conftest import GELAN_T_NC3, free_port, start_group, stop_group, val_jpegs, wait_until_serving
 from tests.waiting import wait_until
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_process, pytest.mark.cost(70)]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_process, pytest.mark.cost(75)]
 
 REFERENCE = GELAN_T_NC3
 NAME = "det"

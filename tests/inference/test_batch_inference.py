@@ -25,7 +25,7 @@ from tests.conftest import val_jpegs
 from tests.evaluation.test_coco_protocol import IMGSZ, write_checkpoint
 from tests.s3_server import S3Server, s3_environment
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cost(90)]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cost(60)]
 
 CLASSES = ["a", "b", "c"]
 CONF = 0.02  # above the test model's many equal-score (0.014) boxes, whose NMS ties float noise decides

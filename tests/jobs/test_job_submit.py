@@ -17,7 +17,7 @@ from pipeline.checkpoint import load_checkpoint
 from tests.conftest import free_port, ray_node_ports, start_group, stop_group
 from tests.waiting import accepts_connections, wait_until
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cost(55), pytest.mark.own_process]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cost(65), pytest.mark.own_process]
 
 REPO = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent

@@ -32,7 +32,7 @@ from pipeline.data import read_manifest
 from pipeline.data.manifest import manifest_path
 from tests.conftest import free_port, start_group, stop_group, val_jpegs, wait_until_serving
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cost(300), pytest.mark.own_process]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cost(450), pytest.mark.own_process]
 
 LEARNED_MAP50 = 0.5
 # what a newcomer's shell has: none of the settings a developer or a cluster may have exported

@@ -13,7 +13,7 @@ from pipeline.search.space import SearchError, build_space, trial_config
 from pipeline.search.study_report import ArmSummary, conclusion
 from pipeline.search.tune import run_search
 
-pytestmark = [pytest.mark.cost(100), pytest.mark.process_group("searches")]
+pytestmark = [pytest.mark.cost(80), pytest.mark.process_group("searches")]
 
 STUDY = Path(__file__).parents[2] / "jobs" / "configs" / "study-pgi.yaml"
 ARMS = ["reference", "swapped", "equal", "lead-guided", "no-aux", "gelan"]

@@ -15,7 +15,7 @@ from pipeline.search.space import SearchError, build_space
 from pipeline.search.trials import TrialRow, ranking_table
 from pipeline.search.tune import check_metric_in_every_report, run_search, search_algorithm, starting_weights
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cost(120), pytest.mark.process_group("searches")]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cost(110), pytest.mark.process_group("searches")]
 
 # train/total grows with aux_weight (it adds aux_weight x the aux loss), so with "min" ASHA has a
 # clear loser at its first rung; -1 is not a valid weight and must fail its trial only.

@@ -25,7 +25,7 @@ from pipeline.search.tune import run_search
 from tests.conftest import free_port, ray_node_ports, start_group, stop_group
 from tests.search.test_tune import small_search
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_process, pytest.mark.cost(45)]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_process, pytest.mark.cost(55)]
 
 BIN = Path(sys.executable).parent
 WORKER_TYPE = "cpu-worker"

@@ -27,7 +27,7 @@ pytestmark = [
     pytest.mark.ray,
     pytest.mark.mlflow,
     pytest.mark.slow,
-    pytest.mark.cost(90),
+    pytest.mark.cost(100),
     pytest.mark.own_process,
 ]
 

@@ -16,7 +16,7 @@ from tests.conftest import start_group, stop_group
 from tests.training.test_train import tiny_overrides
 from tests.waiting import wait_until
 
-pytestmark = [pytest.mark.cost(25), pytest.mark.own_process]
+pytestmark = [pytest.mark.cost(50), pytest.mark.own_process]
 
 
 @pytest.fixture

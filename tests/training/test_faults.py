@@ -32,7 +32,7 @@ from tests.training.test_engine import batches, config
 from tests.training.test_train import tiny_config
 from tests.waiting import wait_until
 
-pytestmark = pytest.mark.cost(90)
+pytestmark = pytest.mark.cost(100)
 
 BIN = Path(sys.executable).parent
 CPU = torch.device("cpu")

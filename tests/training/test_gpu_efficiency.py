@@ -22,7 +22,7 @@ from pipeline.training.state import compile_for_training
 from yolov9.boxes import bbox2dist, box_ciou, dist2bbox
 from yolov9.loss import DualDetectionLoss, HeadInfo, _dfl
 
-pytestmark = [pytest.mark.cost(55), pytest.mark.own_process]
+pytestmark = [pytest.mark.cost(70), pytest.mark.own_process]
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[2]

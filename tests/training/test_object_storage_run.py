@@ -16,7 +16,7 @@ from pipeline.training.job import run_training
 from tests.s3_server import S3Server, s3_environment
 from tests.training.test_train import epochs_logged, fail_once, tiny_overrides
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.mlflow, pytest.mark.cost(70)]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.mlflow, pytest.mark.cost(100)]
 
 BUCKET = "team"
 

@@ -21,7 +21,7 @@ from tests import waiting
 from tests.training.test_train import tiny_config
 from tests.waiting import wait_until
 
-pytestmark = pytest.mark.cost(40)
+pytestmark = pytest.mark.cost(65)
 
 BIN = Path(sys.executable).parent
 CPU = torch.device("cpu")

@@ -23,7 +23,7 @@ from tests.training.test_faults import healthy, steps_of
 from tests.training.test_train import tiny_config
 from tests.waiting import wait_until
 
-pytestmark = pytest.mark.cost(60)
+pytestmark = pytest.mark.cost(70)
 
 BIN = Path(sys.executable).parent
 CPU = torch.device("cpu")

@@ -15,7 +15,7 @@ from pipeline.config import load_config
 from pipeline.training import StepHook
 from pipeline.training.job import run_training
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cost(80)]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cost(110)]
 
 
 def tiny_config(root: Path, shards: Path, name: str, *extra: str):

@@ -13,7 +13,7 @@ from pipeline.training.job import run_training
 from pipeline.weights.pretrained import PretrainedError, load_source, sha256_of
 from pipeline.weights.sources import record_start_weights, resolve_weights
 
-pytestmark = pytest.mark.cost(45)
+pytestmark = pytest.mark.cost(90)
 
 # canonical: resolved sources are compared with it (../shared may be a symlink)
 FIXTURES = (
