@@ -295,6 +295,11 @@ def _check_values(cfg: Config, where: str) -> None:
         (r.min_workers >= 1, "ray.num_workers", "must be >= 1"),
         (r.min_workers <= r.max_workers, "ray.num_workers", f"[MIN, MAX] needs MIN <= MAX: {r.num_workers}"),
         (r.resize_check_s > 0, "ray.resize_check_s", "must be > 0"),
+        (
+            not (cfg.model.sync_bn and r.max_workers > 1 and not r.use_gpu),
+            "model.sync_bn",
+            "needs ray.use_gpu=true with more than one worker: torch's SyncBatchNorm runs on GPUs only",
+        ),
         (r.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0"),
         (r.max_failures >= -1, "ray.max_failures", "must be >= -1 (-1: retry forever)"),
         (
