@@ -296,9 +296,10 @@ def _check_values(cfg: Config, where: str) -> None:
         (r.min_workers <= r.max_workers, "ray.num_workers", f"[MIN, MAX] needs MIN <= MAX: {r.num_workers}"),
         (r.resize_check_s > 0, "ray.resize_check_s", "must be > 0"),
         (
-            not (cfg.model.sync_bn and r.max_workers > 1 and not r.use_gpu),
+            not (cfg.model.sync_bn and r.elastic),
             "model.sync_bn",
-            "needs ray.use_gpu=true with more than one worker: torch's SyncBatchNorm runs on GPUs only",
+            "needs a fixed number of workers (ray.num_workers an integer): in an elastic run a worker may "
+            "play several data ranks, and its batch statistics would not pair with the others'",
         ),
         (r.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0"),
         (r.max_failures >= -1, "ray.max_failures", "must be >= -1 (-1: retry forever)"),

@@ -20,6 +20,7 @@ from pipeline.data.loader import Loader, RanksLoader
 from pipeline.data.manifest import coco_json_path, read_splits
 from pipeline.training.ema import ModelEMA, unwrap
 from pipeline.training.optimizer import Schedule, build_sgd, images_per_step, linear_scale
+from pipeline.training.sync_bn import sync_batchnorm
 from pipeline.weights.pretrained import freeze_layers, load_initial_weights
 from yolov9 import build_model
 from yolov9.loss import DualDetectionLoss
@@ -185,15 +186,15 @@ def data_ranks(rank: int, world: int, data_world: int) -> tuple[int, ...]:
 def _model(
     cfg: Config, num_classes: int, device: torch.device, rank: int, world: int, *, fresh: bool
 ) -> nn.Module:
-    """The detection model of ``cfg`` on ``device``: a fresh run's starting weights loaded, SyncBatchNorm
-    when asked on several workers, the frozen layers frozen."""
+    """The detection model of ``cfg`` on ``device``: a fresh run's starting weights loaded, BatchNorm over
+    all workers' batches when asked on several workers (``sync_bn.py``), the frozen layers frozen."""
     model = build_model(cfg.model.name, num_classes=num_classes)
     if fresh and cfg.model.weights is not None:
         report = load_initial_weights(model, cfg.model.weights)
         if rank == 0:
             log.info(report.summary())
     if cfg.model.sync_bn and world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = sync_batchnorm(model, device)
     freeze_layers(model, cfg.model.freeze)
     # channels-last (NHWC) is the layout oneDNN and cuDNN run convolutions fastest in, forward and backward
     return model.to(device, memory_format=torch.channels_last)

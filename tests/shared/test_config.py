@@ -69,7 +69,6 @@ def test_shipped_configs_load(name):
         ("data: {synthetic: 3}\n", "data.synthetic"),
         ("data: {augment: {mosaic: 1.5}}\n", "data.augment"),
         ("data: {augment: {mosiac: 1.0}}\n", "data.augment.mosiac"),
-        ("model: {sync_bn: true}\nray: {num_workers: 2}\n", "model.sync_bn"),  # a CPU run: torch refuses it
     ],
 )
 def test_bad_values_name_the_file_and_the_key(tmp_path, text, key):
@@ -134,8 +133,3 @@ def test_an_elastic_worker_range_is_read_and_a_bad_one_is_named():
     ]:
         with pytest.raises(ConfigError, match=re.escape(said)):
             load_config(None, [f"ray.num_workers={bad}"])
-
-
-def test_sync_batchnorm_is_taken_where_torch_runs_it():
-    assert load_config(None, ["model.sync_bn=true", "ray.use_gpu=true"]).model.sync_bn
-    assert load_config(None, ["model.sync_bn=true", "ray.num_workers=1"]).model.sync_bn  # nothing to sync
