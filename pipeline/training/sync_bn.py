@@ -1,11 +1,12 @@
 """BatchNorm whose training statistics cover every worker's micro-batch (``model.sync_bn``).
 
 With the batch split over workers, each worker's BatchNorm normalises by the statistics of its own share:
-2 workers x 8 images normalise over 8, where one process with the whole batch of 16 normalises over 16.
-Measured on the demo's data at the reference's budget (24 epochs, nominal batch 64), that share alone moved
-the result by more than the seed spread (README "Against the reference"). torch's ``SyncBatchNorm`` runs on
-GPUs only; on other devices (the gloo backend: CPU workers) ``CrossWorkerBatchNorm2d`` does the same with
-one differentiable all-gather of each worker's per-channel mean, variance and count per layer and forward.
+2 workers x 8 images normalise over 8, where one process with the whole batch of 16 (as the reference's
+one process holds it) normalises over 16. torch's ``SyncBatchNorm`` runs on GPUs only; on other devices
+(the gloo backend: CPU workers) ``CrossWorkerBatchNorm2d`` does the same with one differentiable
+all-gather of each worker's per-channel mean, variance and count per layer and forward. On the 2-core
+demo that is about 2.7x slower per epoch (a gather per layer, each waiting for the other worker's
+process): README "Against the reference" has the figures.
 """
 
 from __future__ import annotations
