@@ -19,6 +19,9 @@ project sets them the same way (``benchmarks/quality.py`` with ``train.nominal_b
 train.warmup_min_steps=100 train.ema_tau=2000``): a nominal batch of 64 (accumulation and weight-decay
 scaling), warmup for at least 100 iterations, an EMA time constant of 2000 updates; one process holds the
 whole batch (this project's workers each hold a share, with their own BatchNorm statistics).
+``--nominal-batch N`` runs a copy of the checkout, made in the temporary folder, whose ``train_dual.py`` has
+that one constant (``nbs = 64``) set to N, for a comparison with ``train.nominal_batch=N``: on a small set a
+nominal batch of 64 leaves too few optimizer steps to learn anything in a short budget.
 
 Prints one JSON line per seed (best and last checkpoint's mAP@0.5:0.95 and mAP@0.5, wall time) and a
 summary line (mean and standard deviation), as ``benchmarks/quality.py`` does.
@@ -46,6 +49,7 @@ from pipeline.data.manifest import coco_json_path, manifest_path
 from pipeline.evaluation.evaluate import evaluate_model
 from yolov9 import load_reference_checkpoint
 
+NBS_LINE = "nbs = 64  "  # train_dual.py's nominal batch, followed by its comment
 FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")  # it fetches Arial.ttf otherwise
 
 
@@ -88,6 +92,17 @@ def score(weights: Path, data_root: str, imgsz: int) -> tuple[float, float]:
     return stats["map50_95"], stats["map50"]
 
 
+def with_nominal_batch(reference: Path, copy: Path, nominal_batch: int) -> Path:
+    """A copy of the ``reference`` checkout (without .git) whose train_dual.py has ``nbs = nominal_batch``."""
+    shutil.copytree(reference, copy, ignore=shutil.ignore_patterns(".git"))
+    script = copy / "train_dual.py"
+    text = script.read_text()
+    if text.count(NBS_LINE) != 1:
+        raise SystemExit(f"error: {script} does not set its nominal batch as {NBS_LINE!r} once")
+    script.write_text(text.replace(NBS_LINE, f"nbs = {nominal_batch}  "))
+    return copy
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -101,13 +116,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--imgsz", type=int, required=True)
     parser.add_argument("--close-mosaic", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--nominal-batch", type=int, help="its nbs constant (default: as written, 64)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("hyp", nargs="*", help="key=value overrides of hyp.scratch-high.yaml")
     args = parser.parse_args(argv)
-    ref = args.reference.resolve()
     with tempfile.TemporaryDirectory(prefix="reference-anchor-") as tmp:
         folder = Path(tmp)
+        ref = args.reference.resolve()
+        if args.nominal_batch is not None:
+            ref = with_nominal_batch(ref, folder / "reference", args.nominal_batch)
         names = export_split(args.data, "train", folder)
         export_split(args.data, "val", folder)
         (folder / "data.yaml").write_text(yaml.safe_dump({
