@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--against", metavar="REV", help="also measure this git revision, same seeds")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides for every job")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options after overrides too
     if args.config.is_absolute():
         args.config = args.config.relative_to(REPO)
     this = measure(None, args)

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("hyp", nargs="*", help="key=value overrides of hyp.scratch-high.yaml")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options after overrides too
     with tempfile.TemporaryDirectory(prefix="reference-anchor-") as tmp:
         folder = Path(tmp)
         ref = args.reference.resolve()

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
         help="train in this process without Ray (one worker, no DDP): for debugging and notebooks",
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options after overrides too
     summary = run_training(load_config(args.config, args.overrides), local=args.local)
     print(
         f"\nbest mAP@0.5:0.95 {summary.best_map50_95:.4f}, mAP@0.5 {summary.best_map50:.4f} "

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
         "--config", type=Path, default=DEMO_CONFIG, help="experiment YAML with a tune section"
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options after overrides too
     cfg = load_config(args.config, args.overrides)
     rows = run_search(cfg)
     print(ranking_table(rows, cfg.tune.mode))

@@ -37,6 +37,11 @@ def test_train_with_a_missing_config_file(tmp_path):
     )
 
 
+def test_train_takes_options_between_the_overrides(tmp_path):
+    result = job("jobs.train", "train.epochs=3", "--config", "nope.yaml", "train.batch_size=4", cwd=tmp_path)
+    assert_one_line_error(result, "config file nope.yaml does not exist")
+
+
 def test_train_with_an_impossible_value(tmp_path):
     assert_one_line_error(job("jobs.train", "train.epochs=0", cwd=tmp_path), "train.epochs must be >= 1")
 
@@ -50,6 +55,11 @@ def test_train_with_an_unreachable_tracking_server(tmp_path, tiny_shards):
 def test_tune_with_an_unknown_search_key(tmp_path):
     result = job("jobs.tune", "tune.space={loss.aux_wieght: {uniform: [0.1, 1.0]}}", cwd=tmp_path)
     assert_one_line_error(result, "tune.space.loss.aux_wieght is not a usable config key")
+
+
+def test_tune_takes_options_between_the_overrides(tmp_path):
+    result = job("jobs.tune", "tune.num_samples=2", "--config", "nope.yaml", "train.epochs=3", cwd=tmp_path)
+    assert_one_line_error(result, "config file nope.yaml does not exist")
 
 
 def test_evaluate_a_missing_checkpoint(tmp_path, tiny_shards):
