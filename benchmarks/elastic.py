@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lose-at", type=int, default=3, help="the epoch (1-based) the node is lost in")
     parser.add_argument("--back-after", type=int, default=2, help="epochs on one worker before it returns")
     parser.add_argument("overrides", nargs="*", help="section.key=value on top of the demo config")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options after overrides too
     if args.seeds > 1:
         # a process connects to one Ray cluster in its life: a second ray.init after a shutdown hung in 2.60
         for seed in range(args.first_seed, args.first_seed + args.seeds):
