@@ -1,6 +1,11 @@
 """benchmarks/tree_crowns.py: photos cut into tiles, crowns cut by a tile's edge kept when half is inside."""
 
+from pathlib import Path
+
 from benchmarks.tree_crowns import read_boxes, tile_boxes, tile_origins
+from pipeline.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
 
 VOC = b"""<annotation><filename>site.png</filename>
 <object><name>Tree</name><bndbox><xmin>10</xmin><ymin>20</ymin><xmax>30</xmax><ymax>60</ymax></bndbox></object>
@@ -31,3 +36,8 @@ def test_a_crown_cut_by_the_edge_belongs_to_the_tile_holding_most_of_it():
 
 def test_a_crown_with_exactly_half_inside_is_kept():
     assert tile_boxes([(246.0, 0.0, 266.0, 10.0)], 0, 0, 256) == [(246.0, 0.0, 256.0, 10.0)]
+
+
+def test_its_config_is_a_training_config_for_the_built_set():
+    cfg = load_config(REPO / "benchmarks" / "tree-crowns.yaml", [])
+    assert Path(cfg.data.root).parts[-2:] == ("data", "tree-crowns") and cfg.train.nominal_batch == 8
