@@ -5,10 +5,11 @@
     python -m benchmarks.quality --config jobs/configs/finetune.yaml --seeds 3 train.epochs=20
 
 Each seed is one ``python -m jobs.train --config CONFIG train.seed=S ...`` typed in a fresh folder of its
-revision (the data is generated once per revision, as the demo does, and shared by its seeds), so the
-whole job is measured: Ray Train, the real loader, the real step, the real validation. ``--against REV``
-checks REV out in a temporary git worktree and runs the same seeds there, with REV's own copy of the
-config (its path is taken relative to the repository), in the same invocation and environment.
+revision (the data is generated once per revision, as the demo does, and shared by its seeds; a relative
+``data.root=PATH`` override is taken from where the benchmark was typed), so the whole job is measured:
+Ray Train, the real loader, the real step, the real validation. ``--against REV`` checks REV out in a
+temporary git worktree and runs the same seeds there, with REV's own copy of the config (its path is
+taken relative to the repository), in the same invocation and environment.
 
 Prints one JSON line per seed (best and final val mAP@0.5:0.95 and mAP@0.5 from the run's MLflow
 history, mAP@0.5:0.95 after each epoch, the job's wall time and the MLflow run's own duration), a
@@ -142,6 +143,14 @@ def measure(revision: str | None, args: argparse.Namespace) -> dict:
         return result
 
 
+def absolute_data_root(override: str) -> str:
+    """``data.root=PATH``, a relative local PATH made absolute here: each job runs in a folder of its own."""
+    key, _, value = override.partition("=")
+    if key != "data.root" or "://" in value or Path(value).is_absolute():
+        return override
+    return f"data.root={Path(value).resolve()}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -152,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--against", metavar="REV", help="also measure this git revision, same seeds")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides for every job")
     args = parser.parse_intermixed_args(argv)  # options after overrides too
+    args.overrides = [absolute_data_root(item) for item in args.overrides]
     if args.config.is_absolute():
         args.config = args.config.relative_to(REPO)
     this = measure(None, args)

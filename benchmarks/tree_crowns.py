@@ -1,7 +1,7 @@
 """A real-photo quality set: tree crowns in NEON aerial RGB photos (10 cm per pixel), one class.
 
     python -m benchmarks.tree_crowns --out data/tree-crowns
-    python -m benchmarks.quality --config benchmarks/tree-crowns.yaml data.root=$PWD/data/tree-crowns
+    python -m benchmarks.quality --config benchmarks/tree-crowns.yaml data.root=data/tree-crowns
 
 The photos and their hand-drawn boxes are the sample data of the DeepForest package (MIT; NEON imagery),
 taken from its wheel on PyPI (``pip download deepforest==2.1.0 --no-deps``, or ``--wheel FILE``); nothing of
