@@ -96,9 +96,9 @@ def write_yolo(wheel: Path, folder: Path, tile: int) -> Path:
 
 
 def download_wheel(into: Path) -> Path:
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", WHEEL, "--no-deps", "-q", "-d", str(into)], check=True
-    )
+    command = [sys.executable, "-m", "pip", "download", WHEEL, "--no-deps", "-q", "-d", str(into)]
+    if subprocess.run(command).returncode != 0:
+        raise SystemExit(f"error: pip could not download {WHEEL} (no package index?); pass --wheel FILE")
     return next(into.glob("deepforest-*.whl"))
 
 
@@ -113,7 +113,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tree-crowns-") as tmp:
         wheel = args.wheel or download_wheel(Path(tmp))
-        data_yaml = write_yolo(wheel, Path(tmp) / "yolo", args.tile)
+        try:
+            data_yaml = write_yolo(wheel, Path(tmp) / "yolo", args.tile)
+        except (OSError, KeyError, zipfile.BadZipFile) as exc:
+            raise SystemExit(f"error: {wheel} is not a readable {WHEEL} wheel: {exc}") from None
         for split in SPLITS:
             manifest = make_shards("yolo", args.out, split, data_yaml=data_yaml, shard_size=args.shard_size)
             print(f"{split}: {manifest.num_samples} tiles, {manifest.num_boxes} crowns -> {manifest.path}")

@@ -1,8 +1,11 @@
 """benchmarks/tree_crowns.py: photos cut into tiles, crowns cut by a tile's edge kept when half is inside."""
 
+import zipfile
 from pathlib import Path
 
-from benchmarks.tree_crowns import read_boxes, tile_boxes, tile_origins
+import pytest
+
+from benchmarks.tree_crowns import main, read_boxes, tile_boxes, tile_origins
 from pipeline.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,3 +44,11 @@ def test_a_crown_with_exactly_half_inside_is_kept():
 def test_its_config_is_a_training_config_for_the_built_set():
     cfg = load_config(REPO / "benchmarks" / "tree-crowns.yaml", [])
     assert Path(cfg.data.root).parts[-2:] == ("data", "tree-crowns") and cfg.train.nominal_batch == 8
+
+
+def test_a_file_that_is_not_the_wheel_is_refused_by_name(tmp_path):
+    foreign = tmp_path / "other.whl"
+    with zipfile.ZipFile(foreign, "w") as zf:
+        zf.writestr("other/__init__.py", "")
+    with pytest.raises(SystemExit, match="other.whl is not a readable deepforest"):
+        main(["--wheel", str(foreign), "--out", str(tmp_path / "shards")])
